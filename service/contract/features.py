@@ -1,0 +1,155 @@
+"""The feature spec: how canonical keypoint frames become detector feature steps.
+
+Canonical keypoint frame (``float32[258]``, MediaPipe Holistic layout and coordinates):
+33 pose landmarks x (x, y, z, visibility), then the left hand's 21 x (x, y, z), then the
+right hand's 21 x (x, y, z). x/y are normalised image coordinates; an undetected part is NaN.
+
+Frame features (``FRAME_DIM`` = 186): pose x/y and hand x/y, centred on the mid-shoulder point
+and divided by the shoulder width (so body size, camera distance and offset drop out), pose
+visibility, and three presence flags (pose, left hand, right hand). Missing parts become zeros
+with their flag at 0, so NaN never reaches the detector.
+
+A feature step summarises ``frames_per_step`` consecutive frames: their mean, and the change
+from the first to the last frame (a velocity). Steps depend only on their own frames, so the
+incremental path (one frame at a time) and the offline path (a whole array) agree exactly.
+
+Both trainer and server import this module; its name and version travel in the ONNX metadata.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+POSE_LANDMARKS = 33
+HAND_LANDMARKS = 21
+POSE_DIM = POSE_LANDMARKS * 4
+HAND_DIM = HAND_LANDMARKS * 3
+KEYPOINT_DIM = POSE_DIM + 2 * HAND_DIM  # 258
+LEFT_HAND_OFFSET = POSE_DIM
+RIGHT_HAND_OFFSET = POSE_DIM + HAND_DIM
+
+# MediaPipe Pose indices used for normalisation.
+LEFT_SHOULDER, RIGHT_SHOULDER = 11, 12
+
+FRAME_DIM = POSE_LANDMARKS * 2 + POSE_LANDMARKS + 2 * HAND_LANDMARKS * 2 + 3  # 186
+MIN_SCALE = 1e-3
+
+SPEC_NAME = "mgstream-pose-kinematics"
+SPEC_VERSION = 1
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Everything a featurizer must reproduce for a model to see what it was trained on."""
+
+    name: str = SPEC_NAME
+    version: int = SPEC_VERSION
+    input_kind: str = "keypoints"  # "keypoints": this module's transform; "features": a backbone's output
+    keypoint_dim: int = KEYPOINT_DIM
+    feature_dim: int = 2 * FRAME_DIM
+    frames_per_step: int = 4
+    fps: float = 30.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> FeatureSpec:
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        return cls(**known)
+
+    def is_builtin(self) -> bool:
+        """True when this module's own keypoint transform produces the features."""
+        return self.input_kind == "keypoints" and self.name == SPEC_NAME and self.version == SPEC_VERSION
+
+
+DEFAULT_SPEC = FeatureSpec()
+
+
+def validate_keypoints(keypoints: np.ndarray) -> np.ndarray:
+    """Return ``keypoints`` as float32 (T, 258); raise ValueError naming the problem."""
+    arr = np.asarray(keypoints)
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2 or arr.shape[1] != KEYPOINT_DIM:
+        raise ValueError(f"keypoints must have shape (T, {KEYPOINT_DIM}), got {tuple(np.shape(keypoints))}")
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise ValueError(f"keypoints must be floating point, got dtype {arr.dtype}")
+    arr = arr.astype(np.float32, copy=False)
+    if np.isinf(arr).any():
+        raise ValueError("keypoints contain Inf; use NaN for undetected parts")
+    return arr
+
+
+def keypoints_to_frame_features(keypoints: np.ndarray) -> np.ndarray:
+    """(T, 258) canonical keypoints -> (T, FRAME_DIM) body-centred, scale-normalised frame features."""
+    kp = validate_keypoints(keypoints)
+    t = kp.shape[0]
+    pose = kp[:, :POSE_DIM].reshape(t, POSE_LANDMARKS, 4)
+    left = kp[:, LEFT_HAND_OFFSET:RIGHT_HAND_OFFSET].reshape(t, HAND_LANDMARKS, 3)
+    right = kp[:, RIGHT_HAND_OFFSET:].reshape(t, HAND_LANDMARKS, 3)
+
+    shoulders = pose[:, [LEFT_SHOULDER, RIGHT_SHOULDER], :2]
+    pose_ok = np.isfinite(shoulders).all(axis=(1, 2))
+    origin = np.where(pose_ok[:, None], np.nan_to_num(shoulders.mean(axis=1)), 0.0)
+    width = np.linalg.norm(np.nan_to_num(shoulders[:, 0] - shoulders[:, 1]), axis=-1)
+    scale = np.maximum(width, MIN_SCALE)[:, None, None]
+
+    def centred(points: np.ndarray, present: np.ndarray) -> np.ndarray:
+        xy = (np.nan_to_num(points[..., :2]) - origin[:, None, :]) / scale
+        return np.where(present[:, None, None], xy, 0.0).reshape(t, -1)
+
+    left_ok = np.isfinite(left[..., :2]).all(axis=(1, 2)) & pose_ok
+    right_ok = np.isfinite(right[..., :2]).all(axis=(1, 2)) & pose_ok
+    visibility = np.where(pose_ok[:, None], np.nan_to_num(pose[..., 3]), 0.0)
+    out = np.concatenate(
+        [
+            centred(pose, pose_ok),
+            visibility,
+            centred(left, left_ok),
+            centred(right, right_ok),
+            np.stack([pose_ok, left_ok, right_ok], axis=1).astype(np.float32),
+        ],
+        axis=1,
+    )
+    return out.astype(np.float32)
+
+
+def frames_to_steps(frame_features: np.ndarray, frames_per_step: int) -> np.ndarray:
+    """(T, F) frame features -> (T // frames_per_step, 2F) steps; a trailing partial step is dropped."""
+    n = frame_features.shape[0] // frames_per_step
+    grouped = frame_features[: n * frames_per_step].reshape(n, frames_per_step, -1)
+    return np.concatenate([grouped.mean(axis=1), grouped[:, -1] - grouped[:, 0]], axis=1).astype(np.float32)
+
+
+def keypoints_to_steps(keypoints: np.ndarray, spec: FeatureSpec = DEFAULT_SPEC) -> np.ndarray:
+    """The whole transform, for a whole sequence: (T, 258) -> (T // frames_per_step, feature_dim)."""
+    if not spec.is_builtin():
+        raise ValueError(f"feature spec {spec.name} v{spec.version} is not produced from keypoints here")
+    return frames_to_steps(keypoints_to_frame_features(keypoints), spec.frames_per_step)
+
+
+class StepAssembler:
+    """Incremental form of :func:`keypoints_to_steps`: push frames one at a time, get steps when complete."""
+
+    def __init__(self, spec: FeatureSpec = DEFAULT_SPEC) -> None:
+        if not spec.is_builtin():
+            raise ValueError(f"feature spec {spec.name} v{spec.version} is not produced from keypoints here")
+        self.spec = spec
+        self._frames = np.zeros((spec.frames_per_step, FRAME_DIM), dtype=np.float32)
+        self._count = 0
+
+    def push(self, keypoint_frame: np.ndarray) -> np.ndarray | None:
+        """Add one (258,) frame; return a (feature_dim,) step when this frame completes one."""
+        self._frames[self._count] = keypoints_to_frame_features(keypoint_frame)[0]
+        self._count += 1
+        if self._count < self.spec.frames_per_step:
+            return None
+        self._count = 0
+        return frames_to_steps(self._frames, self.spec.frames_per_step)[0]
+
+    @property
+    def pending_frames(self) -> int:
+        return self._count

@@ -1,0 +1,7 @@
+"""Placeholder: subcommands land here."""
+
+def extract() -> None:
+    """Not built yet."""
+    raise SystemExit("not built yet")
+
+
