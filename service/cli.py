@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from client.cli import detect, stream
+from client.detect_cli import detect
+from client.stream_cli import stream
 from models.cli import evaluate, export, synth, train
 from service.features.extract_cli import extract
 from service.serve_cli import serve

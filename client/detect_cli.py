@@ -1,0 +1,6 @@
+"""Placeholder: subcommands land here."""
+
+
+def detect() -> None:
+    """Not built yet."""
+    raise SystemExit("not built yet")

@@ -1,0 +1,41 @@
+"""The Featurizer interface: one instance per stream, frames in, feature steps out."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+
+class FrameError(ValueError):
+    """A payload or frame that cannot be turned into features; the message names the problem."""
+
+
+class UnsupportedInput(ValueError):
+    """The model cannot take this input kind (e.g. keypoints for a model trained on backbone features)."""
+
+
+class Featurizer(ABC):
+    """Incremental: ``push_*`` takes one message or frame and returns the feature steps it completed.
+
+    Instances hold per-stream state (tracking graphs, partial steps) and are never shared between
+    streams. ``blocking`` featurizers (MediaPipe, clip backbones) must be driven off the event loop.
+    """
+
+    kind: str
+    blocking: bool = False
+
+    @abstractmethod
+    def push_payload(self, payload: bytes | memoryview) -> list[np.ndarray]:
+        """Decode one wire payload (an encoded image, a keypoint frame or a feature step)."""
+
+    def push_frame(self, image_bgr: np.ndarray) -> list[np.ndarray]:
+        """One decoded BGR frame (video files); only image featurizers accept it."""
+        raise UnsupportedInput(f"{self.kind} featurizer does not take video frames")
+
+    def flush(self) -> list[np.ndarray]:
+        """End of stream: steps still pending, if the featurizer can complete them."""
+        return []
+
+    def close(self) -> None:
+        """Release per-stream resources (graphs, threads). Idempotent."""
