@@ -58,6 +58,12 @@ class Settings(BaseSettings):
     pose_every_n: int = Field(1, ge=1, description="run the landmarker on every n-th frame, interpolate between")
     max_image_pixels: int = Field(1920 * 1080, ge=64)
     clip_backbone_path: Path | None = None
+    clip_config: dict = Field(
+        default_factory=dict,
+        description="overrides the backbone's mgstream.clip metadata (clip_frames, stride, size, ...)",
+    )
+    clip_max_batch: int = Field(32, ge=1, le=1024, description="clips per backbone run, across streams")
+    clip_max_wait_ms: float = Field(5.0, ge=0, le=1000, description="longest wait for a clip batch to fill")
 
     # --- batch jobs ---
     data_dir: Path = Path("data")

@@ -24,6 +24,9 @@ class Featurizer(ABC):
 
     kind: str
     blocking: bool = False
+    # True when a push mostly waits on a shared cross-stream batcher (clip backbones) rather than
+    # using the CPU itself; the worker pool runs those on a wider lane.
+    batched: bool = False
 
     @abstractmethod
     def push_payload(self, payload: bytes | memoryview) -> list[np.ndarray]:
@@ -37,5 +40,5 @@ class Featurizer(ABC):
         """End of stream: steps still pending, if the featurizer can complete them."""
         return []
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a no-op is the right default
         """Release per-stream resources (graphs, threads). Idempotent."""

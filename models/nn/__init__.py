@@ -1,0 +1,1 @@
+"""Detector network parts: layers, DFA conv, DynE encoder, STA, multi-scale dynamic heads."""

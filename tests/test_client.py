@@ -1,0 +1,325 @@
+"""The Python client and the ``mgstream stream`` CLI against a real server (uvicorn subprocess, loopback).
+
+The server runs the tiny hand-presence detector from ``tests/streamkit.py``: class 1 while the left hand is
+visible, class 2 while the right hand is. So synthetic keypoints with known hand intervals give known events.
+The webcam path is exercised with a video file opened by the same ``cv2.VideoCapture`` call a camera uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from client import (
+    Reconnect,
+    Reconnected,
+    StreamClosed,
+    StreamRefused,
+    connect,
+    connect_sync,
+)
+from client.batch import BatchClient
+from service.api.protocol import CloseCode, EndedMessage, ErrorMessage, GestureEvent
+from tests.clientkit import serve, stop
+from tests.streamkit import REPO, Gesture, build_tiny_model, free_port, run_server, synth_keypoints
+
+API_KEY = "test-key-123"
+FPS = 30.0
+# Two well separated hand-up intervals: a left-hand gesture (class 1), then a right-hand one (class 2).
+GESTURES = [Gesture(1, 40, 110), Gesture(2, 170, 240)]
+N_FRAMES = 300
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny.onnx")
+
+
+@pytest.fixture(scope="module")
+def server(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    with run_server(model, tmp_path_factory.mktemp("server")) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def guarded(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """A server with an API key and room for a single stream."""
+    env = {"MGSTREAM_API_KEYS": json.dumps([API_KEY]), "MGSTREAM_MAX_SESSIONS": "1"}
+    with run_server(model, tmp_path_factory.mktemp("guarded"), env=env) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def keypoints() -> np.ndarray:
+    return synth_keypoints(N_FRAMES, GESTURES, seed=3)
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 s at 15 fps of the astronaut photo drifting a few pixels: a stand-in for a webcam."""
+    from skimage.data import astronaut
+
+    base = cv2.resize(cv2.cvtColor(astronaut(), cv2.COLOR_RGB2BGR), (320, 320))
+    path = tmp_path_factory.mktemp("video") / "camera.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 15.0, (320, 320))
+    for i in range(45):
+        shift = np.float32([[1, 0, 4 * np.sin(i / 5)], [0, 1, 2 * np.cos(i / 7)]])
+        writer.write(cv2.warpAffine(base, shift, (320, 320), borderMode=cv2.BORDER_REFLECT))
+    writer.release()
+    assert cv2.VideoCapture(str(path)).get(cv2.CAP_PROP_FRAME_COUNT) == 45
+    return path
+
+
+def _ends(events: list) -> list[GestureEvent]:
+    return [e for e in events if isinstance(e, GestureEvent) and e.type == "gesture_end"]
+
+
+def _assert_found_the_gestures(ends: list[GestureEvent]) -> None:
+    """Each synthetic gesture is reported once, with its class, overlapping its true interval."""
+    assert [e.class_id for e in ends] == [g.class_id for g in GESTURES]
+    for event, truth in zip(ends, GESTURES, strict=True):
+        assert event.start_frame < truth.end_frame and event.end_frame > truth.start_frame
+        assert event.label and 0.0 < event.score <= 1.0
+
+
+# ---------------------------------------------------------------- async and sync library
+
+
+async def _stream_keypoints(url: str, kp: np.ndarray, **options) -> tuple[list, EndedMessage | None]:
+    async with connect(url, input="keypoints", fps=FPS, **options) as stream:
+        assert stream.ready is not None and stream.ready.keypoint_dim == kp.shape[1]
+        for frame in kp:
+            await stream.send_keypoints(frame)
+        ended = await stream.end()
+        assert stream.active == {}  # every start got its end
+        return [event async for event in stream], ended
+
+
+def test_async_client_streams_keypoints_and_gets_events(server, keypoints: np.ndarray) -> None:
+    events, ended = asyncio.run(_stream_keypoints(server.http, keypoints, stream_id="async-1"))
+    assert ended is not None and ended.frames_received == N_FRAMES and ended.stream_id == "async-1"
+    _assert_found_the_gestures(_ends(events))
+    starts = {e.event_id: e for e in events if isinstance(e, GestureEvent) and e.type == "gesture_start"}
+    assert set(starts) == {e.event_id for e in _ends(events)}
+    assert all(e.stream_id == "async-1" for e in events if isinstance(e, GestureEvent))
+    assert isinstance(events[-1], EndedMessage)
+
+
+def test_sync_client_polls_while_sending(server, keypoints: np.ndarray) -> None:
+    seen = []
+    with connect_sync(server.ws, input="keypoints", fps=FPS, status_every_s=0.2) as stream:
+        for i, frame in enumerate(keypoints):
+            assert stream.send_keypoints(frame) == i  # seq numbers count from 0
+            if i % 50 == 0:
+                seen += stream.poll()
+        ended = stream.end()
+        seen += list(stream.events(timeout=10))
+    assert ended is not None and ended.frames_received == N_FRAMES
+    _assert_found_the_gestures(_ends(seen))
+
+
+def test_client_side_validation(server) -> None:
+    async def run() -> None:
+        async with connect(server.http, input="keypoints") as stream:
+            with pytest.raises(ValueError, match="258 values"):
+                await stream.send_keypoints(np.zeros(10, np.float32))
+            with pytest.raises(ValueError, match="input='keypoints'"):
+                await stream.send_jpeg(b"\xff\xd8")
+            assert stream.frames_sent == 0
+
+    asyncio.run(run())
+
+
+def test_bad_frame_gets_an_error_and_the_stream_goes_on(server, keypoints: np.ndarray) -> None:
+    async def run() -> tuple[list, EndedMessage | None]:
+        async with connect(server.http, input="jpeg", fps=10) as stream:
+            await stream.send_jpeg(b"this is not a jpeg")
+            ok, buf = cv2.imencode(".jpg", np.full((120, 160, 3), 127, np.uint8))
+            await stream.send_jpeg(buf.tobytes())
+            ended = await stream.end()
+            return [e async for e in stream], ended
+
+    events, ended = asyncio.run(run())
+    errors = [e for e in events if isinstance(e, ErrorMessage)]
+    assert errors and errors[0].code == "bad_frame" and not errors[0].fatal
+    assert ended is not None and ended.frames_received == 2
+
+
+def test_unreachable_server_is_refused_without_code() -> None:
+    port = free_port()  # nothing listens there
+
+    async def run() -> None:
+        await connect(f"127.0.0.1:{port}", input="keypoints")
+
+    with pytest.raises(StreamRefused) as info:
+        asyncio.run(run())
+    assert info.value.code is None and "cannot connect" in info.value.reason and info.value.retryable
+
+
+# ---------------------------------------------------------------- refusals: auth and overload
+
+
+def test_missing_or_wrong_key_is_unauthorized(guarded) -> None:
+    for key in (None, "wrong"):
+        with pytest.raises(StreamRefused) as info:
+            connect_sync(guarded.http, api_key=key, input="keypoints")
+        assert info.value.code == CloseCode.UNAUTHORIZED, info.value
+        assert not info.value.retryable
+
+
+def test_overload_is_refused_with_1013(guarded, keypoints: np.ndarray) -> None:
+    with connect_sync(guarded.http, api_key=API_KEY, input="keypoints") as first:
+        first.send_keypoints(keypoints[0])
+        with pytest.raises(StreamRefused) as info:
+            connect_sync(guarded.http, api_key=API_KEY, input="keypoints")
+        assert info.value.code == CloseCode.OVERLOADED, info.value
+        assert info.value.retryable
+    # The slot is free again once the first stream ended.
+    with connect_sync(guarded.http, api_key=API_KEY, input="keypoints") as again:
+        assert again.ready is not None
+
+
+def test_cli_reports_refusal(guarded, tmp_path: Path, keypoints: np.ndarray) -> None:
+    path = tmp_path / "kp.npy"
+    np.save(path, keypoints[:30])
+    result = _cli("stream", str(path), "--url", guarded.http, "--api-key", "wrong", "--fast")
+    assert result.returncode == 1
+    assert "4401" in result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------- server restarts and drops
+
+
+def test_reconnects_after_a_server_restart_and_fails_loudly_without(
+    model: Path, tmp_path: Path, keypoints: np.ndarray
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    first = serve(model, port, tmp_path)
+
+    async def run() -> tuple[list, BaseException | None, int]:
+        resilient = await connect(
+            url, input="keypoints", reconnect=Reconnect(initial_delay_s=0.2, max_delay_s=1)
+        )
+        fragile = await connect(url, input="keypoints")
+        for frame in keypoints[:40]:
+            await resilient.send_keypoints(frame)
+            await fragile.send_keypoints(frame)
+        stop(first)  # killed: no close frame reaches the clients
+        fragile_error: BaseException | None = None
+        try:
+            async for _ in fragile:
+                pass
+        except StreamClosed as exc:
+            fragile_error = exc
+        second = await asyncio.to_thread(serve, model, port, tmp_path)
+        try:
+            events = []
+            while not any(isinstance(e, Reconnected) for e in events):
+                events.append(await resilient.next_event(timeout=30))
+            sent_after = 0
+            for frame in keypoints[40:100]:
+                sent_after += await resilient.send_keypoints(frame) is not None
+            ended = await resilient.end()
+            events += [e async for e in resilient]
+            assert ended is not None and ended.frames_received == sent_after
+            return events, fragile_error, resilient.reconnects
+        finally:
+            stop(second, signal.SIGTERM)
+
+    events, fragile_error, reconnects = asyncio.run(run())
+    assert isinstance(fragile_error, StreamClosed) and fragile_error.code == 1006
+    assert reconnects == 1
+    reconnected = next(e for e in events if isinstance(e, Reconnected))
+    assert reconnected.close_code == 1006 and reconnected.ready.stream_id
+
+
+# ---------------------------------------------------------------- batch upload through the client
+
+
+def test_batch_upload_through_the_client(server, keypoints: np.ndarray, tmp_path: Path) -> None:
+    path = tmp_path / "session.npy"
+    np.save(path, keypoints)
+    with BatchClient(server.http) as api:
+        job = api.submit(path)
+        job = api.wait(job["id"], timeout=120)
+        assert job["state"] == "done"
+        detections = api.detections(job["id"])
+        paths = api.download_results(job["id"], tmp_path / "out")
+    assert sorted(d["class_id"] for d in detections) == sorted(g.class_id for g in GESTURES)
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------- the CLI
+
+
+def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "NO_COLOR": "1", "COLUMNS": "150"}
+    env.pop("DISPLAY", None)  # no preview window in tests
+    cmd = [sys.executable, "-m", "service.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+
+
+def _json_lines(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+def test_cli_replays_npy_at_real_time_pace(server, keypoints: np.ndarray, tmp_path: Path) -> None:
+    path = tmp_path / "kp.npy"
+    np.save(path, keypoints)
+    started = time.monotonic()
+    result = _cli("stream", str(path), "--url", server.http, "--json")
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    messages = _json_lines(result.stdout)
+    ends = [m for m in messages if m["type"] == "gesture_end"]
+    assert [m["class_id"] for m in ends] == [g.class_id for g in GESTURES]
+    assert messages[-1]["type"] == "end" and messages[-1]["frames_received"] == N_FRAMES
+    # Paced, not dumped: sending 300 frames at 30 fps cannot finish before their 10 s of media time.
+    assert elapsed >= (N_FRAMES - 1) / FPS
+    fast = _cli("stream", str(path), "--url", server.http, "--json", "--fast")
+    assert fast.returncode == 0, fast.stderr
+    assert [m["class_id"] for m in _json_lines(fast.stdout) if m["type"] == "gesture_end"] == [1, 2]
+
+
+def test_cli_camera_path_with_a_video_standing_in_for_the_device(server, video: Path) -> None:
+    """``--camera`` takes a path through the same cv2.VideoCapture code path as a device index."""
+    result = _cli(
+        "stream", "--camera", str(video), "--url", server.http, "--fps", "5", "--json", "--no-preview"
+    )
+    assert result.returncode == 0, result.stderr
+    messages = _json_lines(result.stdout)
+    assert messages[0]["type"] == "ready" and messages[0]["input"] == "jpeg"
+    ended = messages[-1]
+    # 3 s of a 15 fps source, subsampled to 5 fps: 15 frames (one more or less at the clip's edges).
+    assert ended["type"] == "end" and 14 <= ended["frames_received"] <= 16
+    assert ended["frames_processed"] + ended["frames_dropped"] == ended["frames_received"]
+    assert any(m["type"] == "status" for m in messages)
+    assert "streaming camera" in result.stderr
+
+
+def test_cli_replays_a_video_file(server, video: Path) -> None:
+    result = _cli("stream", str(video), "--url", server.http, "--fast", "--max-width", "160")
+    assert result.returncode == 0, result.stderr
+    assert "sent 45 messages" in result.stdout
+    assert "45 received" in result.stdout
+
+
+def test_cli_rejects_bad_arguments(tmp_path: Path) -> None:
+    assert _cli("stream").returncode == 2  # neither FILE nor --camera
+    missing = _cli("stream", str(tmp_path / "nope.mp4"))
+    assert missing.returncode == 2 and "does not exist" in missing.stdout
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.zeros(5, np.float32))
+    assert _cli("stream", str(bad)).returncode == 2
