@@ -65,7 +65,7 @@ class SynthConfig:
     long_tail: bool = False
     tail_exponent: float = 1.2  # class weight ~ (rank + 1) ** -exponent when long_tail
     class_weights: tuple[float, ...] | None = None  # explicit 17 weights override both options
-    duration_median_frames: float = 48.0  # SMG: mean 51.3 frames per instance
+    duration_median_frames: float = 45.0  # SMG: mean 51.3 frames per instance
     duration_sigma: float = 0.45  # lognormal spread
     min_duration_frames: int = 20
     max_duration_frames: int = 200

@@ -31,8 +31,14 @@ def model_for_tests(tmp_dir: Path) -> Path:
     return build_tiny_model(tmp_dir / "tiny.onnx")
 
 
-def astronaut_video(path: Path, *, frames: int = 60, fps: float = 30.0, fourcc: str = "mp4v",
-                    size: tuple[int, int] = (384, 384)) -> Path:
+def astronaut_video(
+    path: Path,
+    *,
+    frames: int = 60,
+    fps: float = 30.0,
+    fourcc: str = "mp4v",
+    size: tuple[int, int] = (384, 384),
+) -> Path:
     """skimage's astronaut photo with a small sway (a person for the pose featurizer), written by OpenCV."""
     from skimage import data
 
@@ -76,7 +82,9 @@ def serve(settings) -> Iterator[LiveServer]:
 
     app = create_app(settings)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()
     deadline = time.monotonic() + 120

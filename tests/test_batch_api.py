@@ -42,8 +42,15 @@ def videos(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(model, tmp_path_factory):
     data = tmp_path_factory.mktemp("data")
-    settings = Settings(model_path=model, data_dir=data, max_concurrent_jobs=2, max_queued_jobs=8,
-                        inbound_queue_frames=100_000, sync_max_s=120, providers=["CPUExecutionProvider"])
+    settings = Settings(
+        model_path=model,
+        data_dir=data,
+        max_concurrent_jobs=2,
+        max_queued_jobs=8,
+        inbound_queue_frames=100_000,
+        sync_max_s=120,
+        providers=["CPUExecutionProvider"],
+    )
     with serve(settings) as live:
         yield live
 
@@ -52,9 +59,16 @@ def server(model, tmp_path_factory):
 def tight(model, tmp_path_factory):
     """Small limits: 1 MiB uploads, 5 s inputs, one job at a time and no queue."""
     data = tmp_path_factory.mktemp("tight")
-    settings = Settings(model_path=model, data_dir=data, upload_max_mb=1.0, max_video_s=5.0,
-                        max_concurrent_jobs=1, max_queued_jobs=0, sync_max_s=1.0,
-                        providers=["CPUExecutionProvider"])
+    settings = Settings(
+        model_path=model,
+        data_dir=data,
+        upload_max_mb=1.0,
+        max_video_s=5.0,
+        max_concurrent_jobs=1,
+        max_queued_jobs=0,
+        sync_max_s=1.0,
+        providers=["CPUExecutionProvider"],
+    )
     with serve(settings) as live:
         yield live
 
@@ -92,8 +106,12 @@ def test_keypoints_wait_returns_detections_and_results(server):
         assert set(got["links"]) == {"self", "result.json", "result.csv", "result.png"}
         assert c.get(got["links"]["result.json"]).json()["detections"] == body["detections"]
         rows = list(csv.reader(io.StringIO(c.get(got["links"]["result.csv"]).text)))
-        assert rows == [[str(d["class_id"]), str(d["start_frame"]), str(d["end_frame"])] for d in body["detections"]]
-        scored = list(csv.DictReader(io.StringIO(c.get(got["links"]["result.csv"], params={"scores": "true"}).text)))
+        assert rows == [
+            [str(d["class_id"]), str(d["start_frame"]), str(d["end_frame"])] for d in body["detections"]
+        ]
+        scored = list(
+            csv.DictReader(io.StringIO(c.get(got["links"]["result.csv"], params={"scores": "true"}).text))
+        )
         assert all(row["video_id"] == "Sample0003" for row in scored) and len(scored) == body["count"]
         png = c.get(got["links"]["result.png"])
         assert png.headers["content-type"] == "image/png"
@@ -117,8 +135,15 @@ def test_batch_equals_streaming_gesture_ends(server):
         events = [e for e in stream.events(timeout=60) if getattr(e, "type", "") == "gesture_end"]
     assert ended is not None and ended.frames_dropped == 0 and ended.frames_processed == len(kp)
     live = [
-        {"class_id": e.class_id, "label": e.label, "score": e.score, "start_frame": e.start_frame,
-         "end_frame": e.end_frame, "start_s": e.start_time, "end_s": e.end_time}
+        {
+            "class_id": e.class_id,
+            "label": e.label,
+            "score": e.score,
+            "start_frame": e.start_frame,
+            "end_frame": e.end_frame,
+            "start_s": e.start_time,
+            "end_s": e.end_time,
+        }
         for e in events
     ]
     key = lambda d: (d["start_frame"], d["end_frame"], d["class_id"], -d["score"])  # noqa: E731
@@ -243,7 +268,9 @@ def test_disk_full_fails_the_job_and_the_server_keeps_serving(server):
             r = upload(c, "full.npy", kp)
             # The upload itself goes through the same writer: refused with 507, nothing kept.
             assert r.status_code == 507 and "disk is full" in r.json()["detail"]
-            runner.writer = AtomicWriter(opener=FullDisk(quota=len(kp) + 10_000))  # upload fits, results do not
+            runner.writer = AtomicWriter(
+                opener=FullDisk(quota=len(kp) + 10_000)
+            )  # upload fits, results do not
             r = upload(c, "full.npy", kp)
             assert r.status_code == 202, r.text
             job, _ = wait_job(c, r.json()["id"])
@@ -267,14 +294,24 @@ def test_oversize_upload_is_413(tight):
     with tight.client() as c:
         r = upload(c, "big.npy", big)
         assert r.status_code == 413 and "limit of 1 MiB" in r.json()["detail"]
+
         # Chunked (no Content-Length): the cap is enforced while the body streams in.
         def chunks():
             boundary = b"xyzBOUNDARY"
-            yield b"--" + boundary + b'\r\nContent-Disposition: form-data; name="file"; filename="big.npy"\r\n\r\n'
+            yield (
+                b"--"
+                + boundary
+                + b'\r\nContent-Disposition: form-data; name="file"; filename="big.npy"\r\n\r\n'
+            )
             for i in range(0, len(big), 65536):
                 yield big[i : i + 65536]
             yield b"\r\n--" + boundary + b"--\r\n"
-        r = c.post("/v1/detect", content=chunks(), headers={"content-type": "multipart/form-data; boundary=xyzBOUNDARY"})
+
+        r = c.post(
+            "/v1/detect",
+            content=chunks(),
+            headers={"content-type": "multipart/form-data; boundary=xyzBOUNDARY"},
+        )
         assert r.status_code == 413
     assert not list(tight.app.state.jobs.store.tmp_dir.iterdir())
 

@@ -30,15 +30,18 @@ from client import (
     connect_sync,
 )
 from client.batch import BatchClient
-from service.api.protocol import CloseCode, EndedMessage, ErrorMessage, GestureEvent
+from service.api.protocol import CloseCode, EndedMessage, ErrorMessage, GestureEvent, StatusMessage
 from tests.clientkit import serve, stop
 from tests.streamkit import REPO, Gesture, build_tiny_model, free_port, run_server, synth_keypoints
 
 API_KEY = "test-key-123"
 FPS = 30.0
 # Two well separated hand-up intervals: a left-hand gesture (class 1), then a right-hand one (class 2).
-GESTURES = [Gesture(1, 40, 110), Gesture(2, 170, 240)]
-N_FRAMES = 300
+GESTURES = [Gesture(1, 20, 60), Gesture(2, 90, 130)]
+N_FRAMES = 150
+# Library tests send at 3x real time: fast, yet far below what the server keeps up with, so the live
+# policy drops nothing and the events are exact. (Unpaced floods make the server drop frames, by design.)
+SEND_RATE = 3 * FPS
 
 
 @pytest.fixture(scope="module")
@@ -86,11 +89,27 @@ def _ends(events: list) -> list[GestureEvent]:
 
 
 def _assert_found_the_gestures(ends: list[GestureEvent]) -> None:
-    """Each synthetic gesture is reported once, with its class, overlapping its true interval."""
-    assert [e.class_id for e in ends] == [g.class_id for g in GESTURES]
-    for event, truth in zip(ends, GESTURES, strict=True):
-        assert event.start_frame < truth.end_frame and event.end_frame > truth.start_frame
-        assert event.label and 0.0 < event.score <= 1.0
+    """Each synthetic gesture is reported by an event of its class overlapping its true interval."""
+    assert {e.class_id for e in ends} == {g.class_id for g in GESTURES}
+    for truth in GESTURES:
+        assert any(
+            e.class_id == truth.class_id
+            and e.start_frame < truth.end_frame
+            and e.end_frame > truth.start_frame
+            for e in ends
+        ), (truth, ends)
+    assert all(e.label and 0.0 < e.score <= 1.0 for e in ends)
+
+
+class _Pacer:
+    """Sleeps so that message i leaves at i / rate seconds after the first."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate, self.start, self.count = rate, time.monotonic(), 0
+
+    def delay(self) -> float:
+        self.count += 1
+        return max(0.0, self.start + self.count / self.rate - time.monotonic())
 
 
 # ---------------------------------------------------------------- async and sync library
@@ -99,8 +118,10 @@ def _assert_found_the_gestures(ends: list[GestureEvent]) -> None:
 async def _stream_keypoints(url: str, kp: np.ndarray, **options) -> tuple[list, EndedMessage | None]:
     async with connect(url, input="keypoints", fps=FPS, **options) as stream:
         assert stream.ready is not None and stream.ready.keypoint_dim == kp.shape[1]
+        pacer = _Pacer(SEND_RATE)
         for frame in kp:
             await stream.send_keypoints(frame)
+            await asyncio.sleep(pacer.delay())
         ended = await stream.end()
         assert stream.active == {}  # every start got its end
         return [event async for event in stream], ended
@@ -109,6 +130,7 @@ async def _stream_keypoints(url: str, kp: np.ndarray, **options) -> tuple[list, 
 def test_async_client_streams_keypoints_and_gets_events(server, keypoints: np.ndarray) -> None:
     events, ended = asyncio.run(_stream_keypoints(server.http, keypoints, stream_id="async-1"))
     assert ended is not None and ended.frames_received == N_FRAMES and ended.stream_id == "async-1"
+    assert ended.frames_dropped == 0
     _assert_found_the_gestures(_ends(events))
     starts = {e.event_id: e for e in events if isinstance(e, GestureEvent) and e.type == "gesture_start"}
     assert set(starts) == {e.event_id for e in _ends(events)}
@@ -119,14 +141,16 @@ def test_async_client_streams_keypoints_and_gets_events(server, keypoints: np.nd
 def test_sync_client_polls_while_sending(server, keypoints: np.ndarray) -> None:
     seen = []
     with connect_sync(server.ws, input="keypoints", fps=FPS, status_every_s=0.2) as stream:
+        pacer = _Pacer(SEND_RATE)
         for i, frame in enumerate(keypoints):
             assert stream.send_keypoints(frame) == i  # seq numbers count from 0
-            if i % 50 == 0:
-                seen += stream.poll()
+            seen += stream.poll()
+            time.sleep(pacer.delay())
         ended = stream.end()
         seen += list(stream.events(timeout=10))
-    assert ended is not None and ended.frames_received == N_FRAMES
+    assert ended is not None and ended.frames_received == N_FRAMES and ended.frames_dropped == 0
     _assert_found_the_gestures(_ends(seen))
+    assert any(isinstance(e, StatusMessage) for e in seen)
 
 
 def test_client_side_validation(server) -> None:
@@ -210,7 +234,7 @@ def test_reconnects_after_a_server_restart_and_fails_loudly_without(
 
     async def run() -> tuple[list, BaseException | None, int]:
         resilient = await connect(
-            url, input="keypoints", reconnect=Reconnect(initial_delay_s=0.2, max_delay_s=1)
+            url, input="keypoints", reconnect=Reconnect(attempts=None, initial_delay_s=0.2, max_delay_s=1)
         )
         fragile = await connect(url, input="keypoints")
         for frame in keypoints[:40]:
@@ -283,14 +307,17 @@ def test_cli_replays_npy_at_real_time_pace(server, keypoints: np.ndarray, tmp_pa
     elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stderr
     messages = _json_lines(result.stdout)
-    ends = [m for m in messages if m["type"] == "gesture_end"]
-    assert [m["class_id"] for m in ends] == [g.class_id for g in GESTURES]
-    assert messages[-1]["type"] == "end" and messages[-1]["frames_received"] == N_FRAMES
-    # Paced, not dumped: sending 300 frames at 30 fps cannot finish before their 10 s of media time.
+    _assert_found_the_gestures([GestureEvent(**m) for m in messages if m["type"] == "gesture_end"])
+    ended = messages[-1]
+    assert ended["type"] == "end" and ended["frames_received"] == N_FRAMES and ended["frames_dropped"] == 0
+    # Paced, not dumped: 150 frames at 30 fps cannot all be sent before their 5 s of media time.
     assert elapsed >= (N_FRAMES - 1) / FPS
+    # --fast sends everything at once; the server's live policy may drop frames, but it accounts for all.
     fast = _cli("stream", str(path), "--url", server.http, "--json", "--fast")
     assert fast.returncode == 0, fast.stderr
-    assert [m["class_id"] for m in _json_lines(fast.stdout) if m["type"] == "gesture_end"] == [1, 2]
+    ended = _json_lines(fast.stdout)[-1]
+    assert ended["frames_received"] == N_FRAMES
+    assert ended["frames_processed"] + ended["frames_dropped"] == N_FRAMES
 
 
 def test_cli_camera_path_with_a_video_standing_in_for_the_device(server, video: Path) -> None:

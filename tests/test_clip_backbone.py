@@ -23,6 +23,8 @@ from service.features.video import featurize_video, iter_frames
 from tests.clip_models import export_tiny_backbone
 from tests.featurizer_helpers import card_for, jpeg, png, write_video
 
+pytest.importorskip("torch", reason="the tiny backbone is exported with torch")  # installed with [train]
+
 DIM = 64
 
 
