@@ -96,18 +96,25 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if card.feature.input_kind == "features":
         from service.features.clip import create_clip_batcher
 
-        state.clip_batcher = await loop.run_in_executor(None, create_clip_batcher, settings, card.feature.feature_dim)
+        state.clip_batcher = await loop.run_in_executor(
+            None, create_clip_batcher, settings, card.feature.feature_dim
+        )
     kinds = await loop.run_in_executor(None, supported_inputs, card, settings, state.clip_batcher)
     state.serving = resolve_serving(card, settings, kinds)
     state.scheduler = Scheduler(
-        state.runtime, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
-        buckets=list(settings.batch_buckets), metrics=state.metrics, on_dead=lambda reason: _on_dead(app, reason),
+        state.runtime,
+        max_batch=settings.max_batch,
+        max_wait_ms=settings.max_wait_ms,
+        buckets=list(settings.batch_buckets),
+        metrics=state.metrics,
+        on_dead=lambda reason: _on_dead(app, reason),
     )
     state.scheduler.start()
     timings = await state.scheduler.run_blocking(state.runtime.warm_up, state.scheduler.buckets)
     state.featurizer_pool = FeaturizerPool(settings.pose_workers)
     state.registry = SessionRegistry(
-        max_sessions=settings.max_sessions, metrics=state.metrics,
+        max_sessions=settings.max_sessions,
+        metrics=state.metrics,
         session_defaults={
             "inbound_frames": settings.inbound_queue_frames,
             "outbound_messages": settings.outbound_queue_messages,
@@ -122,8 +129,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.ready = True
     log.info(
         "ready: model %s v%s on %s, window %d, hop %d steps, inputs %s, batch buckets %s warmed in %.0f ms",
-        card.name, card.version, state.runtime.provider, state.serving.window_steps, state.serving.hop_steps,
-        ",".join(kinds), state.scheduler.buckets, 1000 * sum(timings.values()),
+        card.name,
+        card.version,
+        state.runtime.provider,
+        state.serving.window_steps,
+        state.serving.hop_steps,
+        ",".join(kinds),
+        state.scheduler.buckets,
+        1000 * sum(timings.values()),
     )
     try:
         yield

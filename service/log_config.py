@@ -41,10 +41,18 @@ def logging_config(level: str = "info") -> dict:
             "plain": {"format": "%(asctime)s %(levelname)-7s %(name)s [%(stream_id)s] %(message)s"},
         },
         "handlers": {
-            "stdout": {"class": "logging.StreamHandler", "stream": "ext://sys.stdout", "formatter": "plain",
-                       "filters": ["stream"]},
-            "access": {"class": "logging.StreamHandler", "stream": "ext://sys.stdout", "formatter": "plain",
-                       "filters": ["stream", "probes"]},
+            "stdout": {
+                "class": "logging.StreamHandler",
+                "stream": "ext://sys.stdout",
+                "formatter": "plain",
+                "filters": ["stream"],
+            },
+            "access": {
+                "class": "logging.StreamHandler",
+                "stream": "ext://sys.stdout",
+                "formatter": "plain",
+                "filters": ["stream", "probes"],
+            },
         },
         "loggers": {
             "uvicorn": {"handlers": ["stdout"], "level": level, "propagate": False},

@@ -28,8 +28,15 @@ def serve(
     from service.log_config import logging_config, setup_logging
 
     overrides = {
-        "host": host, "port": port, "model_path": model, "data_dir": data_dir, "max_sessions": max_sessions,
-        "max_batch": max_batch, "max_wait_ms": max_wait_ms, "hop_steps": hop_steps, "log_level": log_level,
+        "host": host,
+        "port": port,
+        "model_path": model,
+        "data_dir": data_dir,
+        "max_sessions": max_sessions,
+        "max_batch": max_batch,
+        "max_wait_ms": max_wait_ms,
+        "hop_steps": hop_steps,
+        "log_level": log_level,
         "providers": [p.strip() for p in providers.split(",") if p.strip()] if providers else None,
         "api_keys": list(api_key) if api_key else None,
     }

@@ -49,7 +49,7 @@ def tiny_card(window_steps: int = TINY_WINDOW, strides: tuple[int, ...] = TINY_S
         window_steps=window_steps,
         strides=strides,
         causal=True,
-        postprocess=PostProcess(score_threshold=0.5, nms_iou=0.5, min_duration_steps=1.0),
+        postprocess=PostProcess(score_threshold=0.6, nms_iou=0.5, min_duration_steps=1.0),
         architecture={"kind": "hand-presence test detector"},
         training_data="none (hand-set weights)",
     )
@@ -74,8 +74,17 @@ def build_tiny_model(path: Path, card: ModelCard | None = None) -> Path:
     const("pos1", np.arange(1, w + 1, dtype=np.float32))
     const("pos1_col", np.arange(1, w + 1, dtype=np.float32)[:, None])
     const("causal", np.tril(np.ones((w, w), dtype=np.float32)))
-    for name, val in {"gain": 12.0, "bias": -6.0, "ramp": 0.05, "cap": 40.0, "ow": 0.01, "ob": -8.0, "zero": 0.0,
-                      "one": 1.0, "half": 0.5}.items():
+    for name, val in {
+        "gain": 12.0,
+        "bias": -6.0,
+        "ramp": 0.05,
+        "cap": 40.0,
+        "ow": 0.01,
+        "ob": -8.0,
+        "zero": 0.0,
+        "one": 1.0,
+        "half": 0.5,
+    }.items():
         const(name, np.array(val, dtype=np.float32))
     nodes += [
         helper.make_node("Gather", ["features", "flag_idx"], ["flags"], axis=2),  # (B, W, 2)
@@ -131,7 +140,9 @@ def build_tiny_model(path: Path, card: ModelCard | None = None) -> Path:
         ],
         initializer=inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="mgstream-tests")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="mgstream-tests"
+    )
     model.ir_version = 8
     for key, value in card.to_metadata().items():
         entry = model.metadata_props.add()
@@ -157,8 +168,13 @@ def synth_keypoints(n_frames: int, gestures: list[Gesture], seed: int = 0) -> np
     rng = np.random.default_rng(seed)
     kp = np.full((n_frames, KEYPOINT_DIM), np.nan, dtype=np.float32)
     base = np.stack(
-        [rng.uniform(0.35, 0.65, POSE_LANDMARKS), rng.uniform(0.2, 0.8, POSE_LANDMARKS),
-         np.zeros(POSE_LANDMARKS), np.full(POSE_LANDMARKS, 0.9)], axis=1
+        [
+            rng.uniform(0.35, 0.65, POSE_LANDMARKS),
+            rng.uniform(0.2, 0.8, POSE_LANDMARKS),
+            np.zeros(POSE_LANDMARKS),
+            np.full(POSE_LANDMARKS, 0.9),
+        ],
+        axis=1,
     ).astype(np.float32)
     base[11, :2], base[12, :2] = (0.6, 0.45), (0.4, 0.45)  # shoulders
     for t in range(n_frames):
@@ -176,7 +192,9 @@ def synth_keypoints(n_frames: int, gestures: list[Gesture], seed: int = 0) -> np
     return kp
 
 
-def random_gestures(n_frames: int, seed: int, count: int = 3, min_len: int = 30, max_len: int = 90) -> list[Gesture]:
+def random_gestures(
+    n_frames: int, seed: int, count: int = 3, min_len: int = 30, max_len: int = 90
+) -> list[Gesture]:
     """Non-overlapping hand gestures spread over the sequence, different per seed."""
     rng = np.random.default_rng(seed)
     slot = n_frames // count
@@ -225,13 +243,27 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def run_server(model: Path, tmp: Path, env: dict[str, str] | None = None, timeout: float = 60.0) -> Iterator[ServerProcess]:
+def run_server(
+    model: Path, tmp: Path, env: dict[str, str] | None = None, timeout: float = 60.0
+) -> Iterator[ServerProcess]:
     """``mgstream serve`` on a free loopback port, waited on /readyz, stopped with SIGTERM."""
     port = free_port()
     log_path = tmp / f"server-{port}.log"
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--model", str(model), "--data-dir", str(tmp / "data")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "service.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--model",
+        str(model),
+        "--data-dir",
+        str(tmp / "data"),
+    ]
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
     server = ServerProcess(proc, port, log_path)

@@ -34,8 +34,11 @@ async def require_api_key(request: Request) -> None:
     """Dependency for HTTP routes: 401 unless no keys are configured or a valid key is presented."""
     settings: Settings = request.app.state.settings
     if auth_required(settings) and not key_is_valid(presented_key(request), settings):
-        raise HTTPException(401, f"missing or invalid API key (send the {API_KEY_HEADER} header)",
-                            headers={"WWW-Authenticate": API_KEY_HEADER})
+        raise HTTPException(
+            401,
+            f"missing or invalid API key (send the {API_KEY_HEADER} header)",
+            headers={"WWW-Authenticate": API_KEY_HEADER},
+        )
 
 
 def get_settings(request: Request) -> Settings:

@@ -31,11 +31,13 @@ async def readyz(request: Request) -> JSONResponse:
     if not state.ready:
         phase = "shutting down" if state.shutting_down else "starting"
         return JSONResponse({"status": phase}, status_code=503)
-    return JSONResponse({
-        "status": "ready",
-        "sessions": len(state.registry),
-        "max_sessions": state.settings.max_sessions,
-    })
+    return JSONResponse(
+        {
+            "status": "ready",
+            "sessions": len(state.registry),
+            "max_sessions": state.settings.max_sessions,
+        }
+    )
 
 
 @router.get("/metrics")
@@ -54,15 +56,19 @@ async def models(request: Request) -> JSONResponse:
     if runtime is None:
         return JSONResponse({"detail": "model not loaded yet"}, status_code=503)
     serving = state.serving
-    return JSONResponse({
-        "data": [{
-            "id": runtime.card.name,
-            "card": json.loads(runtime.card.to_json()),
-            "provider": runtime.provider,
-            "mode": "window",
-            "window_steps": serving.window_steps,
-            "hop_steps": serving.hop_steps,
-            "input_kinds": list(serving.input_kinds),
-            "batch_buckets": state.scheduler.buckets if state.scheduler else [],
-        }]
-    })
+    return JSONResponse(
+        {
+            "data": [
+                {
+                    "id": runtime.card.name,
+                    "card": json.loads(runtime.card.to_json()),
+                    "provider": runtime.provider,
+                    "mode": "window",
+                    "window_steps": serving.window_steps,
+                    "hop_steps": serving.hop_steps,
+                    "input_kinds": list(serving.input_kinds),
+                    "batch_buckets": state.scheduler.buckets if state.scheduler else [],
+                }
+            ]
+        }
+    )

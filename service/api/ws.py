@@ -84,8 +84,12 @@ async def streams(ws: WebSocket) -> None:
     if not state.ready:
         shutting = state.shutting_down
         metrics.rejections.labels(reason="not_ready").inc()
-        await _refuse(ws, CloseCode.SHUTDOWN if shutting else CloseCode.OVERLOADED,
-                      ErrorCode.OVERLOADED, "server shutting down" if shutting else "server starting")
+        await _refuse(
+            ws,
+            CloseCode.SHUTDOWN if shutting else CloseCode.OVERLOADED,
+            ErrorCode.OVERLOADED,
+            "server shutting down" if shutting else "server starting",
+        )
         return
     authenticated = not auth_required(settings)
     key = presented_key(ws)
@@ -166,24 +170,37 @@ class StreamHandler:
             c = s.counters
             log.info(
                 "stream %s ended (%s): %d frames received, %d processed, %d dropped, %d windows, %d events, "
-                "%d bad messages, %.1f s", s.stream_id,
-                "client gone" if self.gone else f"{s.close_request.code} {s.close_request.reason}"
-                if s.close_request else "?",
-                c.frames_received, c.frames_processed, c.frames_dropped, c.windows, c.events, c.bad_messages,
+                "%d bad messages, %.1f s",
+                s.stream_id,
+                "client gone"
+                if self.gone
+                else f"{s.close_request.code} {s.close_request.reason}"
+                if s.close_request
+                else "?",
+                c.frames_received,
+                c.frames_processed,
+                c.frames_dropped,
+                c.windows,
+                c.events,
+                c.bad_messages,
                 time.monotonic() - s.started_at,
             )
 
     async def _close(self, sender: asyncio.Task) -> None:
         request = self.session.close_request
-        code, reason = (request.code, request.reason) if request else (CloseCode.INTERNAL_ERROR, "internal error")
+        code, reason = (
+            (request.code, request.reason) if request else (CloseCode.INTERNAL_ERROR, "internal error")
+        )
         if code == CloseCode.NORMAL:
             grace = _END_GRACE_S
         else:
             grace = _CLOSE_GRACE_S
             if code != CloseCode.SLOW_CONSUMER:
                 error = _FATAL_ERRORS.get(code, ErrorCode.INTERNAL)
-                self._final(ErrorMessage(stream_id=self.session.stream_id, code=error, message=reason, fatal=True),
-                            force=True)
+                self._final(
+                    ErrorMessage(stream_id=self.session.stream_id, code=error, message=reason, fatal=True),
+                    force=True,
+                )
         if code != CloseCode.SLOW_CONSUMER and not sender.done():
             with contextlib.suppress(asyncio.TimeoutError, Exception):
                 await asyncio.wait_for(self._drained(), grace)
@@ -205,7 +222,10 @@ class StreamHandler:
         """
         if message.type in ("gesture_start", "gesture_end"):
             self.session.counters.events += 1
-        if not self.session.outbox.put_final(Outgoing(message.model_dump_json(), message.type, arrival)) and not force:
+        if (
+            not self.session.outbox.put_final(Outgoing(message.model_dump_json(), message.type, arrival))
+            and not force
+        ):
             self.metrics.errors.labels(kind="slow_consumer").inc()
             self.session.request_close(CloseCode.SLOW_CONSUMER, "client does not read its events")
 
@@ -214,8 +234,11 @@ class StreamHandler:
         s = self.session
         s.counters.bad_messages += 1
         self.metrics.errors.labels(kind=code).inc()
-        self._final(ErrorMessage(stream_id=s.stream_id if s.started else None, code=code, message=message[:500],
-                                 seq=seq))
+        self._final(
+            ErrorMessage(
+                stream_id=s.stream_id if s.started else None, code=code, message=message[:500], seq=seq
+            )
+        )
         if s.counters.bad_messages >= self.settings.max_bad_messages:
             s.request_close(CloseCode.PROTOCOL_VIOLATION, f"{s.counters.bad_messages} bad messages")
 
@@ -308,29 +331,55 @@ class StreamHandler:
             return
         serving = self.state.serving
         if start.input not in serving.input_kinds:
-            self._bad(ErrorCode.UNSUPPORTED, f"this model takes {', '.join(serving.input_kinds)}, not {start.input}")
+            self._bad(
+                ErrorCode.UNSUPPORTED, f"this model takes {', '.join(serving.input_kinds)}, not {start.input}"
+            )
             return
         try:
             # Building a featurizer may load graphs (MediaPipe): off the event loop.
             featurizer = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: create_featurizer(start.input, self.card, self.settings,
-                                                clip_batcher=self.state.clip_batcher))
+                None,
+                lambda: create_featurizer(
+                    start.input, self.card, self.settings, clip_batcher=self.state.clip_batcher
+                ),
+            )
         except UnsupportedInput as exc:
             self._bad(ErrorCode.UNSUPPORTED, str(exc))
             return
-        detector = StreamDetector(self.card, hop_steps=serving.hop_steps, score_threshold=start.score_threshold,
-                                  classes=start.classes, fps=start.fps)
+        detector = StreamDetector(
+            self.card,
+            hop_steps=serving.hop_steps,
+            score_threshold=start.score_threshold,
+            classes=start.classes,
+            fps=start.fps,
+        )
         s.configure(start, featurizer, detector)
         stream_id_var.set(s.stream_id)
-        self._final(ReadyMessage(
-            stream_id=s.stream_id, model=self.card.name, model_version=self.card.version, input=start.input,
-            fps=start.fps, frames_per_step=self.card.feature.frames_per_step, window_steps=detector.window_steps,
-            hop_steps=detector.hop_steps, mode="window", feature_dim=self.card.feature.feature_dim,
-            keypoint_dim=self.card.feature.keypoint_dim, classes=list(self.card.classes),
-            max_message_bytes=self.settings.max_message_bytes,
-        ))
-        log.info("stream %s started: input=%s fps=%g window=%d hop=%d", s.stream_id, start.input, start.fps,
-                 detector.window_steps, detector.hop_steps)
+        self._final(
+            ReadyMessage(
+                stream_id=s.stream_id,
+                model=self.card.name,
+                model_version=self.card.version,
+                input=start.input,
+                fps=start.fps,
+                frames_per_step=self.card.feature.frames_per_step,
+                window_steps=detector.window_steps,
+                hop_steps=detector.hop_steps,
+                mode="window",
+                feature_dim=self.card.feature.feature_dim,
+                keypoint_dim=self.card.feature.keypoint_dim,
+                classes=list(self.card.classes),
+                max_message_bytes=self.settings.max_message_bytes,
+            )
+        )
+        log.info(
+            "stream %s started: input=%s fps=%g window=%d hop=%d",
+            s.stream_id,
+            start.input,
+            start.fps,
+            detector.window_steps,
+            detector.hop_steps,
+        )
         self.started.set()
 
     # ---------------------------------------------------------------- processing
@@ -366,9 +415,15 @@ class StreamHandler:
         for event in s.detector.finish(n):
             self._final(event.to_message(s.stream_id), arrival)
         c = s.counters
-        self._final(EndedMessage(stream_id=s.stream_id, frames_received=c.frames_received,
-                                 frames_processed=c.frames_processed, frames_dropped=c.frames_dropped,
-                                 events=c.events))
+        self._final(
+            EndedMessage(
+                stream_id=s.stream_id,
+                frames_received=c.frames_received,
+                frames_processed=c.frames_processed,
+                frames_dropped=c.frames_dropped,
+                events=c.events,
+            )
+        )
 
     async def _append(self, step, arrival: float) -> bool:  # noqa: ANN001 - (D,) array
         s = self.session
@@ -389,8 +444,13 @@ class StreamHandler:
             out = await self.scheduler.submit(s.key, {WINDOW_INPUT: s.ring.last(s.detector.window_steps)})
         except InferenceFailed as exc:
             self.metrics.errors.labels(kind="inference_failed").inc()
-            self._final(ErrorMessage(stream_id=s.stream_id, code=ErrorCode.INFERENCE_FAILED,
-                                     message=f"window ending at step {n} failed: {exc}"))
+            self._final(
+                ErrorMessage(
+                    stream_id=s.stream_id,
+                    code=ErrorCode.INFERENCE_FAILED,
+                    message=f"window ending at step {n} failed: {exc}",
+                )
+            )
             return True
         except RuntimeDead:
             s.request_close(CloseCode.INTERNAL_ERROR, "model runtime failed; the server restarts")

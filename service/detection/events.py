@@ -97,8 +97,15 @@ def _overlaps(a0: float, a1: float, b0: float, b1: float, iou: float, containmen
 class EventTracker:
     """Turns the detections of successive windows into start/end events (see the module docstring)."""
 
-    def __init__(self, card: ModelCard, *, frames_per_step: int, fps: float, window_steps: int,
-                 params: TrackerParams | None = None) -> None:
+    def __init__(
+        self,
+        card: ModelCard,
+        *,
+        frames_per_step: int,
+        fps: float,
+        window_steps: int,
+        params: TrackerParams | None = None,
+    ) -> None:
         self.card = card
         self.frames_per_step = frames_per_step
         self.fps = fps
@@ -116,17 +123,28 @@ class EventTracker:
         f, fps = self.frames_per_step, self.fps
         start_frame, end_frame, decided = round(t.start * f), round(end * f), n * f
         return StreamEvent(
-            type=kind, event_id=t.event_id, class_id=t.class_id, label=self.card.classes[t.class_id - 1],
-            score=t.score, start_step=t.start, end_step=end, decided_at_step=n,
-            start_frame=start_frame, end_frame=end_frame, decided_at_frame=decided,
-            start_time=start_frame / fps, end_time=end_frame / fps, decided_at_time=decided / fps,
+            type=kind,
+            event_id=t.event_id,
+            class_id=t.class_id,
+            label=self.card.classes[t.class_id - 1],
+            score=t.score,
+            start_step=t.start,
+            end_step=end,
+            decided_at_step=n,
+            start_frame=start_frame,
+            end_frame=end_frame,
+            decided_at_frame=decided,
+            start_time=start_frame / fps,
+            end_time=end_frame / fps,
+            decided_at_time=decided / fps,
         )
 
     def _match(self, tracks: list[_Track], d: Detection, start: float) -> _Track | None:
         p = self.params
         for t in tracks:
-            if t.class_id == d.class_id and _overlaps(start, d.end_step, t.start, t.end, p.match_iou,
-                                                       p.match_containment):
+            if t.class_id == d.class_id and _overlaps(
+                start, d.end_step, t.start, t.end, p.match_iou, p.match_containment
+            ):
                 return t
         return None
 
@@ -206,8 +224,11 @@ class StreamDetector:
         self.classes = set(classes) if classes else None
         self.anchors = anchor_steps(card.window_steps, card.strides)
         self.tracker = EventTracker(
-            card, frames_per_step=card.feature.frames_per_step, fps=fps or card.feature.fps,
-            window_steps=self.window_steps, params=params,
+            card,
+            frames_per_step=card.feature.frames_per_step,
+            fps=fps or card.feature.fps,
+            window_steps=self.window_steps,
+            params=params,
         )
         self.last_scored = 0  # step count of the last scored window
 
@@ -220,8 +241,14 @@ class StreamDetector:
         return n > self.last_scored
 
     def detections(self, n: int, scores: np.ndarray, offsets: np.ndarray) -> list[Detection]:
-        found = decode(scores, offsets, self.anchors, self.card.postprocess, step_offset=n - self.window_steps,
-                       score_threshold=self.score_threshold)
+        found = decode(
+            scores,
+            offsets,
+            self.anchors,
+            self.card.postprocess,
+            step_offset=n - self.window_steps,
+            score_threshold=self.score_threshold,
+        )
         return [d for d in found if self.classes is None or d.class_id in self.classes]
 
     def update(self, n: int, scores: np.ndarray, offsets: np.ndarray) -> list[StreamEvent]:

@@ -7,6 +7,7 @@ tracker, so they are scored in batches; only the tracker runs in order.
 - :func:`detect_steps_sync`: direct, blocking; takes a :class:`ModelRuntime` or any function
   ``(B, W, D) -> (scores, offsets)`` (the trainer's causal-windowed evaluation passes one).
 - :func:`detect_steps`: async, through the server's scheduler (batch jobs share the live batches).
+- :func:`full_sequence_detections`: the whole-sequence decode (no tracker), the quality baseline.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from service.contract.model_card import OFFSETS_OUTPUT, SCORES_OUTPUT, WINDOW_INPUT, ModelCard
+from service.contract.model_card import OFFSETS_OUTPUT, SCORES_OUTPUT, WINDOW_INPUT, ModelCard, anchor_steps
+from service.detection.decode import Detection, decode
 from service.detection.events import StreamDetector, StreamEvent, TrackerParams, window_ends
 from service.runtime.base import ModelRuntime
 
@@ -53,9 +55,11 @@ def _chunks(ends: list[int], size: int) -> Iterator[list[int]]:
 
 def _as_window_fn(model: ModelRuntime | WindowFn) -> WindowFn:
     if isinstance(model, ModelRuntime):
+
         def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             out = model.run({WINDOW_INPUT: batch})
             return out[SCORES_OUTPUT], out[OFFSETS_OUTPUT]
+
         return run
     return model
 
@@ -74,8 +78,9 @@ def detect_steps_sync(
 ) -> list[StreamEvent]:
     """Events of a whole (T, D) steps array, exactly as a live stream of those steps would get them."""
     steps = _check_steps(steps, card)
-    detector = StreamDetector(card, hop_steps=hop_steps, score_threshold=score_threshold, classes=classes,
-                              fps=fps, params=params)
+    detector = StreamDetector(
+        card, hop_steps=hop_steps, score_threshold=score_threshold, classes=classes, fps=fps, params=params
+    )
     run = _as_window_fn(model)
     events: list[StreamEvent] = []
     ends = window_ends(len(steps), detector.hop_steps)
@@ -115,14 +120,17 @@ async def detect_steps(
         concurrency = concurrency or max(1, settings.max_batch // 2)  # leave room for live streams
     concurrency = max(1, concurrency or 8)
     steps = _check_steps(steps, card)
-    detector = StreamDetector(card, hop_steps=hop_steps, score_threshold=score_threshold, classes=classes,
-                              fps=fps, params=params)
+    detector = StreamDetector(
+        card, hop_steps=hop_steps, score_threshold=score_threshold, classes=classes, fps=fps, params=params
+    )
     events: list[StreamEvent] = []
     ends = window_ends(len(steps), detector.hop_steps)
     for chunk in _chunks(ends, concurrency):
         results = await asyncio.gather(
-            *(scheduler.submit(f"{key}#{i}", {WINDOW_INPUT: window_at(steps, n, detector.window_steps)})
-              for i, n in enumerate(chunk)),
+            *(
+                scheduler.submit(f"{key}#{i}", {WINDOW_INPUT: window_at(steps, n, detector.window_steps)})
+                for i, n in enumerate(chunk)
+            ),
             return_exceptions=True,  # let every window settle before raising, so none is left orphaned
         )
         for result in results:
@@ -136,3 +144,47 @@ async def detect_steps(
 
 def gesture_ends(events: list[StreamEvent]) -> list[StreamEvent]:
     return [e for e in events if e.type == "gesture_end"]
+
+
+def full_sequence_detections(
+    model: ModelRuntime | WindowFn,
+    steps: np.ndarray,
+    card: ModelCard,
+    *,
+    score_threshold: float | None = None,
+    max_batch: int = 32,
+) -> list[Detection]:
+    """Reference decode of a whole sequence at once (no tracker): every anchor's output is taken from a
+    window that gives it half a window of past context, then one global decode with the card's NMS.
+
+    For a causal model whose receptive field fits in half a window this equals a single forward over
+    the whole sequence; it is the offline baseline that streamed events are measured against.
+    """
+    steps = _check_steps(steps, card)
+    w, top = card.window_steps, max(card.strides)
+    hop = max(top, (w // 2) // top * top)
+    total = len(steps)
+    if total == 0:
+        return []
+    padded = -(-total // hop) * hop  # right padding cannot change earlier outputs of a causal model
+    seq = np.zeros((padded, steps.shape[1]), dtype=np.float32)
+    seq[:total] = steps
+    rel = anchor_steps(w, card.strides)
+    ends = list(range(hop, padded + 1, hop))
+    run = _as_window_fn(model)
+    all_scores, all_offsets, all_anchors = [], [], []
+    for chunk in _chunks(ends, max_batch):
+        scores, offsets = run(np.stack([window_at(seq, e, w) for e in chunk]))
+        for i, e in enumerate(chunk):
+            absolute = rel + (e - w)
+            keep = (absolute > e - hop - 1) & (absolute < total)
+            all_scores.append(scores[i][keep])
+            all_offsets.append(offsets[i][keep])
+            all_anchors.append(absolute[keep])
+    return decode(
+        np.concatenate(all_scores),
+        np.concatenate(all_offsets),
+        np.concatenate(all_anchors),
+        card.postprocess,
+        score_threshold=score_threshold,
+    )

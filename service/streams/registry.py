@@ -64,7 +64,9 @@ class SessionRegistry:
 
     def start_reaper(self, interval_s: float) -> None:
         if self._reaper is None:
-            self._reaper = asyncio.get_running_loop().create_task(self._reap_forever(interval_s), name="reaper")
+            self._reaper = asyncio.get_running_loop().create_task(
+                self._reap_forever(interval_s), name="reaper"
+            )
 
     def reap(self, now: float | None = None) -> int:
         """Ask every expired session to close; returns how many."""
@@ -85,8 +87,9 @@ class SessionRegistry:
 
     # ---------------------------------------------------------- shutdown
 
-    async def close_all(self, code: int = CloseCode.SHUTDOWN, reason: str = "server shutting down",
-                        timeout: float = 5.0) -> bool:
+    async def close_all(
+        self, code: int = CloseCode.SHUTDOWN, reason: str = "server shutting down", timeout: float = 5.0
+    ) -> bool:
         """Stop admitting, ask every session to close, wait until they are gone; True if all left in time."""
         self.admitting = False
         for session in self.sessions():

@@ -46,8 +46,9 @@ class CloseRequest:
 class StreamSession:
     """Created at admission (before ``start``); :meth:`configure` attaches the stream's pipeline."""
 
-    def __init__(self, *, inbound_frames: int, outbound_messages: int, idle_timeout_s: float,
-                 max_session_s: float) -> None:
+    def __init__(
+        self, *, inbound_frames: int, outbound_messages: int, idle_timeout_s: float, max_session_s: float
+    ) -> None:
         self.key = uuid.uuid4().hex  # internal, unique: the scheduler key
         self.stream_id: str = self.key[:12]
         self.started_at = time.monotonic()
@@ -137,9 +138,13 @@ class StreamSession:
         lag_frames = len(self.inbound)
         fps = self.config.fps if self.config else 30.0
         return StatusMessage(
-            stream_id=self.stream_id, frames_received=c.frames_received, frames_processed=c.frames_processed,
-            frames_dropped=c.frames_dropped, steps=self.ring.total if self.ring else 0,
-            lag_frames=lag_frames, lag_s=round(lag_frames / fps, 3),
+            stream_id=self.stream_id,
+            frames_received=c.frames_received,
+            frames_processed=c.frames_processed,
+            frames_dropped=c.frames_dropped,
+            steps=self.ring.total if self.ring else 0,
+            lag_frames=lag_frames,
+            lag_s=round(lag_frames / fps, 3),
         )
 
     def release(self) -> None:
