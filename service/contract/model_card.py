@@ -116,7 +116,9 @@ class ModelCard:
         except (TypeError, ValueError) as exc:
             raise ModelCardError(f"model card has a malformed field: {exc}") from exc
         if card.window_steps <= 0 or any(s <= 0 or card.window_steps % s for s in card.strides):
-            raise ModelCardError(f"window {card.window_steps} must be a positive multiple of every stride {card.strides}")
+            raise ModelCardError(
+                f"window {card.window_steps} must be a positive multiple of every stride {card.strides}"
+            )
         return card
 
     @classmethod
