@@ -63,9 +63,7 @@ class BatchClient:
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         headers = {API_KEY_HEADER: api_key} if api_key else {}
-        self._http = httpx.Client(
-            base_url=http_base_url(url), headers=headers, timeout=timeout, transport=transport
-        )
+        self._http = httpx.Client(base_url=http_base_url(url), headers=headers, timeout=timeout, transport=transport)
 
     def __enter__(self) -> BatchClient:
         return self
@@ -103,9 +101,7 @@ class BatchClient:
             pool=None,
         )
         with path.open("rb") as f:
-            resp = self._http.post(
-                "/v1/detect", params=params, files={"file": (path.name, f)}, timeout=timeout
-            )
+            resp = self._http.post("/v1/detect", params=params, files={"file": (path.name, f)}, timeout=timeout)
         _raise_for(resp)
         return resp.json()
 

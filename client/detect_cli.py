@@ -26,22 +26,16 @@ def detect(
     ] = None,
     out: Annotated[
         Path | None,
-        typer.Option(
-            "--out", "-o", file_okay=False, help="Directory for the results (default: next to FILE)."
-        ),
+        typer.Option("--out", "-o", file_okay=False, help="Directory for the results (default: next to FILE)."),
     ] = None,
     wait: Annotated[
         bool,
-        typer.Option(
-            "--wait/--no-wait", help="Follow the job to the end and save results (default), or only submit."
-        ),
+        typer.Option("--wait/--no-wait", help="Follow the job to the end and save results (default), or only submit."),
     ] = True,
     fps: Annotated[
         float | None, typer.Option(min=0.1, help=".npy input: frames per second (default: the model's).")
     ] = None,
-    video_id: Annotated[
-        str | None, typer.Option(help="Id for the scored CSV (default: the file name).")
-    ] = None,
+    video_id: Annotated[str | None, typer.Option(help="Id for the scored CSV (default: the file name).")] = None,
     threshold: Annotated[
         float | None, typer.Option(min=0.0, max=1.0, help="Score threshold (default: the model's).")
     ] = None,
@@ -83,9 +77,7 @@ def detect(
                 job = api.wait(job["id"], poll_s=poll, on_progress=show)
             paths = api.download_results(job["id"], out_dir, stem=file.stem)
     except JobFailed as exc:
-        console.print(
-            f"[red]job {exc.job['id']} {exc.job['state']}: {exc.job.get('error')}[/]", highlight=False
-        )
+        console.print(f"[red]job {exc.job['id']} {exc.job['state']}: {exc.job.get('error')}[/]", highlight=False)
         raise typer.Exit(1) from exc
     except BatchError as exc:
         hint = f" (retry in {exc.retry_after:g} s)" if exc.retry_after else ""

@@ -139,9 +139,7 @@ class Preview:
             y += 28
         if stream.status is not None:
             text = f"lag {stream.status.lag_s * 1000:.0f} ms  dropped {stream.status.frames_dropped}"
-            cv2.putText(
-                canvas, text, (10, canvas.shape[0] - 12), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1
-            )
+            cv2.putText(canvas, text, (10, canvas.shape[0] - 12), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1)
         cv2.imshow(self.WINDOW, canvas)
         return (cv2.waitKey(1) & 0xFF) not in (ord("q"), 27)
 
@@ -191,9 +189,7 @@ async def run_stream(
                     await stream.send_features(item.data, timestamp)
                 else:
                     await stream.send_image(item.data, timestamp, jpeg_quality=jpeg_quality)
-                    if preview is not None and not preview.show(
-                        item.data, stream
-                    ):  # GUI calls stay on one thread
+                    if preview is not None and not preview.show(item.data, stream):  # GUI calls stay on one thread
                         summary.interrupted = True
                         break
             if not printer_task.done():

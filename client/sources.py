@@ -54,7 +54,13 @@ class CaptureSource:
 
         self._cv2 = cv2
         self.source = source
-        self.cap = cv2.VideoCapture(source)
+        # OpenCV's own warnings for a missing device are noise next to the error raised below.
+        previous = cv2.getLogLevel()
+        cv2.setLogLevel(0)
+        try:
+            self.cap = cv2.VideoCapture(source)
+        finally:
+            cv2.setLogLevel(previous)
         if not self.cap.isOpened():
             what = f"camera {source}" if isinstance(source, int) else f"video {source!r}"
             raise ValueError(f"OpenCV cannot open {what}")
@@ -77,9 +83,7 @@ class CaptureSource:
         h, w = frame.shape[:2]
         if self.max_width and w > self.max_width:
             scale = self.max_width / w
-            frame = self._cv2.resize(
-                frame, (self.max_width, round(h * scale)), interpolation=self._cv2.INTER_AREA
-            )
+            frame = self._cv2.resize(frame, (self.max_width, round(h * scale)), interpolation=self._cv2.INTER_AREA)
         return frame
 
     async def frames(self) -> AsyncIterator[Item]:

@@ -82,8 +82,8 @@ class StreamRefused(StreamError):
         self.code = code
         self.reason = reason
         self.http_status = http_status
-        where = f"HTTP {http_status}" if http_status is not None else f"close code {code}"
-        super().__init__(f"stream refused ({where}): {reason or 'no reason given'}")
+        where = f" (HTTP {http_status})" if http_status is not None else f" (close code {code})" if code else ""
+        super().__init__(f"stream refused{where}: {reason or 'no reason given'}")
 
     @property
     def retryable(self) -> bool:
@@ -207,6 +207,8 @@ class Stream:
             await self._open_once()
         else:
             await self._open_with_retries(first=True)
+        assert self.ready is not None
+        self._queue.put_nowait(self.ready)  # events start with `ready`, as on the wire
         self._reader = asyncio.create_task(self._read_loop(), name="mgstream-reader")
         return self
 

@@ -79,9 +79,7 @@ class SyncStream:
     def send_png(self, data: bytes, timestamp: float | None = None) -> int | None:
         return self._runner.run(self._stream.send_png(data, timestamp))
 
-    def send_image(
-        self, bgr: np.ndarray, timestamp: float | None = None, *, jpeg_quality: int = 80
-    ) -> int | None:
+    def send_image(self, bgr: np.ndarray, timestamp: float | None = None, *, jpeg_quality: int = 80) -> int | None:
         return self._runner.run(self._stream.send_image(bgr, timestamp, jpeg_quality=jpeg_quality))
 
     def send_keypoints(self, keypoints: np.ndarray, timestamp: float | None = None) -> int | None:

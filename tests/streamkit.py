@@ -117,7 +117,9 @@ def build_tiny_model(path: Path, card: ModelCard | None = None) -> Path:
             helper.make_node("Mul", [f"{a}_xo", "ow"], [f"{a}_o1"]),
             helper.make_node("Add", [f"{a}_o1", "ob"], [f"{a}_other"]),  # (B, Ns, C-2) low logits
             helper.make_node("Concat", [f"{a}_lr", f"{a}_other"], [f"{a}_logits"], axis=2),
-            helper.make_node("ReduceMax", [f"{a}_c"], [f"{a}_start"], axes=[2], keepdims=1),
+            helper.make_node("ReduceMax", [f"{a}_c"], [f"{a}_run"], axes=[2], keepdims=1),
+            helper.make_node("Sub", [f"{a}_run", "one"], [f"{a}_run1"]),
+            helper.make_node("Relu", [f"{a}_run1"], [f"{a}_start"]),  # the run began run - 1 steps back
             helper.make_node("Mul", [f"{a}_start", "zero"], [f"{a}_z"]),
             helper.make_node("Add", [f"{a}_z", "one"], [f"{a}_end"]),
             helper.make_node("Concat", [f"{a}_start", f"{a}_end"], [f"{a}_off"], axis=2),
@@ -287,3 +289,84 @@ def run_server(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+# ---------------------------------------------------------------- WebSocket clients
+
+
+@dataclass
+class StreamResult:
+    messages: list[dict]
+    close_code: int | None
+    close_reason: str
+
+    def of(self, *types: str) -> list[dict]:
+        return [m for m in self.messages if m["type"] in types]
+
+    def ends(self) -> list[dict]:
+        """gesture_end events without the stream id (comparable with offline events)."""
+        return [{k: v for k, v in m.items() if k != "stream_id"} for m in self.of("gesture_end")]
+
+
+def keypoint_payloads(kp: np.ndarray) -> list[bytes]:
+    return [frame.astype("<f4").tobytes() for frame in kp]
+
+
+def offline_ends(events) -> list[dict]:
+    """Offline StreamEvents as the wire would carry them (minus the stream id)."""
+    import json
+
+    out = []
+    for e in events:
+        if e.type == "gesture_end":
+            data = json.loads(e.to_message("offline").model_dump_json())
+            data.pop("stream_id")
+            out.append(data)
+    return out
+
+
+async def read_all(ws) -> tuple[list[dict], int | None, str]:  # noqa: ANN001 - websockets connection
+    import json
+
+    import websockets
+
+    messages = []
+    try:
+        async for raw in ws:
+            messages.append(json.loads(raw))
+    except websockets.ConnectionClosed:
+        pass
+    return messages, ws.close_code, ws.close_reason or ""
+
+
+async def stream_payloads(
+    url: str,
+    payloads: list[bytes],
+    *,
+    input_kind: str = "keypoints",
+    fps: float = 30.0,
+    pace: bool = False,
+    start: dict | None = None,
+    headers: dict | None = None,
+) -> StreamResult:
+    """One client: start, every payload with its header (optionally at real-time pace), end, read all."""
+    import asyncio
+    import json
+
+    import websockets
+
+    from service.api.protocol import pack_frame
+
+    async with websockets.connect(url, additional_headers=headers, max_size=None) as ws:
+        await ws.send(json.dumps({"type": "start", "input": input_kind, "fps": fps, **(start or {})}))
+        reader = asyncio.ensure_future(read_all(ws))
+        t0 = time.monotonic()
+        for i, payload in enumerate(payloads):
+            if pace:
+                delay = t0 + i / fps - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            await ws.send(pack_frame(i, i / fps, payload))
+        await ws.send(json.dumps({"type": "end"}))
+        messages, code, reason = await asyncio.wait_for(reader, 120)
+    return StreamResult(messages, code, reason)

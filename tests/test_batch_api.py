@@ -106,12 +106,8 @@ def test_keypoints_wait_returns_detections_and_results(server):
         assert set(got["links"]) == {"self", "result.json", "result.csv", "result.png"}
         assert c.get(got["links"]["result.json"]).json()["detections"] == body["detections"]
         rows = list(csv.reader(io.StringIO(c.get(got["links"]["result.csv"]).text)))
-        assert rows == [
-            [str(d["class_id"]), str(d["start_frame"]), str(d["end_frame"])] for d in body["detections"]
-        ]
-        scored = list(
-            csv.DictReader(io.StringIO(c.get(got["links"]["result.csv"], params={"scores": "true"}).text))
-        )
+        assert rows == [[str(d["class_id"]), str(d["start_frame"]), str(d["end_frame"])] for d in body["detections"]]
+        scored = list(csv.DictReader(io.StringIO(c.get(got["links"]["result.csv"], params={"scores": "true"}).text)))
         assert all(row["video_id"] == "Sample0003" for row in scored) and len(scored) == body["count"]
         png = c.get(got["links"]["result.png"])
         assert png.headers["content-type"] == "image/png"
@@ -268,9 +264,7 @@ def test_disk_full_fails_the_job_and_the_server_keeps_serving(server):
             r = upload(c, "full.npy", kp)
             # The upload itself goes through the same writer: refused with 507, nothing kept.
             assert r.status_code == 507 and "disk is full" in r.json()["detail"]
-            runner.writer = AtomicWriter(
-                opener=FullDisk(quota=len(kp) + 10_000)
-            )  # upload fits, results do not
+            runner.writer = AtomicWriter(opener=FullDisk(quota=len(kp) + 10_000))  # upload fits, results do not
             r = upload(c, "full.npy", kp)
             assert r.status_code == 202, r.text
             job, _ = wait_job(c, r.json()["id"])
@@ -280,7 +274,7 @@ def test_disk_full_fails_the_job_and_the_server_keeps_serving(server):
     finally:
         runner.writer = AtomicWriter()
     job_dir = runner.store.job_dir(job["id"])
-    assert not [p for p in job_dir.iterdir() if p.name.startswith(".")], "no half-written result left behind"
+    assert [p.name for p in job_dir.iterdir()] == ["input.npy"], "no partial result set left behind"
     with server.client() as c:  # still serving
         r = upload(c, "after.npy", kp, wait="true")
         assert r.status_code == 200 and r.json()["job"]["state"] == "done"
@@ -298,11 +292,7 @@ def test_oversize_upload_is_413(tight):
         # Chunked (no Content-Length): the cap is enforced while the body streams in.
         def chunks():
             boundary = b"xyzBOUNDARY"
-            yield (
-                b"--"
-                + boundary
-                + b'\r\nContent-Disposition: form-data; name="file"; filename="big.npy"\r\n\r\n'
-            )
+            yield (b"--" + boundary + b'\r\nContent-Disposition: form-data; name="file"; filename="big.npy"\r\n\r\n')
             for i in range(0, len(big), 65536):
                 yield big[i : i + 65536]
             yield b"\r\n--" + boundary + b"--\r\n"

@@ -60,9 +60,7 @@ def test_kill_mid_job_then_resume_then_fail_cleanly(tmp_path):
         srv.proc.kill()
         srv.proc.wait()
         sock.close()
-    assert list((tmp_path / "data" / "tmp").iterdir()), (
-        "the cut upload was being written when the server died"
-    )
+    assert list((tmp_path / "data" / "tmp").iterdir()), "the cut upload was being written when the server died"
 
     with run_server(model, tmp_path) as srv, httpx.Client(base_url=srv.http, timeout=120) as c:
         assert not list((tmp_path / "data" / "tmp").iterdir()), "the partial upload was swept on start-up"

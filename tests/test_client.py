@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -30,7 +31,14 @@ from client import (
     connect_sync,
 )
 from client.batch import BatchClient
-from service.api.protocol import CloseCode, EndedMessage, ErrorMessage, GestureEvent, StatusMessage
+from service.api.protocol import (
+    CloseCode,
+    EndedMessage,
+    ErrorMessage,
+    GestureEvent,
+    ReadyMessage,
+    StatusMessage,
+)
 from tests.clientkit import serve, stop
 from tests.streamkit import REPO, Gesture, build_tiny_model, free_port, run_server, synth_keypoints
 
@@ -93,9 +101,7 @@ def _assert_found_the_gestures(ends: list[GestureEvent]) -> None:
     assert {e.class_id for e in ends} == {g.class_id for g in GESTURES}
     for truth in GESTURES:
         assert any(
-            e.class_id == truth.class_id
-            and e.start_frame < truth.end_frame
-            and e.end_frame > truth.start_frame
+            e.class_id == truth.class_id and e.start_frame < truth.end_frame and e.end_frame > truth.start_frame
             for e in ends
         ), (truth, ends)
     assert all(e.label and 0.0 < e.score <= 1.0 for e in ends)
@@ -129,6 +135,7 @@ async def _stream_keypoints(url: str, kp: np.ndarray, **options) -> tuple[list, 
 
 def test_async_client_streams_keypoints_and_gets_events(server, keypoints: np.ndarray) -> None:
     events, ended = asyncio.run(_stream_keypoints(server.http, keypoints, stream_id="async-1"))
+    assert isinstance(events[0], ReadyMessage) and events[0].stream_id == "async-1"
     assert ended is not None and ended.frames_received == N_FRAMES and ended.stream_id == "async-1"
     assert ended.frames_dropped == 0
     _assert_found_the_gestures(_ends(events))
@@ -281,7 +288,8 @@ def test_batch_upload_through_the_client(server, keypoints: np.ndarray, tmp_path
         assert job["state"] == "done"
         detections = api.detections(job["id"])
         paths = api.download_results(job["id"], tmp_path / "out")
-    assert sorted(d["class_id"] for d in detections) == sorted(g.class_id for g in GESTURES)
+    fields = ("class_id", "start_frame", "end_frame", "score", "label")
+    _assert_found_the_gestures([SimpleNamespace(**{k: d[k] for k in fields}) for d in detections])
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -322,9 +330,7 @@ def test_cli_replays_npy_at_real_time_pace(server, keypoints: np.ndarray, tmp_pa
 
 def test_cli_camera_path_with_a_video_standing_in_for_the_device(server, video: Path) -> None:
     """``--camera`` takes a path through the same cv2.VideoCapture code path as a device index."""
-    result = _cli(
-        "stream", "--camera", str(video), "--url", server.http, "--fps", "5", "--json", "--no-preview"
-    )
+    result = _cli("stream", "--camera", str(video), "--url", server.http, "--fps", "5", "--json", "--no-preview")
     assert result.returncode == 0, result.stderr
     messages = _json_lines(result.stdout)
     assert messages[0]["type"] == "ready" and messages[0]["input"] == "jpeg"

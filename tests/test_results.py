@@ -55,9 +55,7 @@ def test_csv_is_smg_layout_without_header():
 
 
 def test_scored_csv_variant_has_header_video_id_and_score():
-    rows = list(
-        csv.DictReader(io.StringIO(detections_csv(DETS, video_id="Sample0001", scores=True).decode()))
-    )
+    rows = list(csv.DictReader(io.StringIO(detections_csv(DETS, video_id="Sample0001", scores=True).decode())))
     assert list(rows[0]) == ["video_id", "label", "start_frame", "end_frame", "score"]
     assert rows[1] == {
         "video_id": "Sample0001",

@@ -13,8 +13,10 @@ Errors are JSON ``{"detail": "..."}`` naming the problem. Limits: 413 (upload si
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
@@ -22,10 +24,10 @@ from fastapi.responses import FileResponse, JSONResponse
 
 from service.api.deps import require_api_key
 from service.jobs import inputs
-from service.jobs.results import RESULT_FILES, detections_csv, read_detections_json
+from service.jobs.results import RESULT_FILES, detections_csv, fsync_dir, read_detections_json
 from service.jobs.runner import JobRunner, QueueFull, disk_full
 from service.jobs.store import Job, JobNotFound, JobState
-from service.jobs.upload import UploadError, receive_upload
+from service.jobs.upload import Upload, UploadError, receive_upload
 
 router = APIRouter(prefix="/v1", tags=["batch"], dependencies=[Depends(require_api_key)])
 
@@ -42,9 +44,7 @@ def _runner(request: Request) -> JobRunner:
 def _iso(ts: float | None) -> str | None:
     if ts is None:
         return None
-    return (
-        datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    )
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def job_view(job: Job) -> dict[str, Any]:
@@ -92,12 +92,8 @@ def _get(runner: JobRunner, job_id: str) -> Job:
 async def detect(
     request: Request,
     wait: bool = Query(False, description="answer with the detections when the input is short enough"),
-    fps: float | None = Query(
-        None, gt=0, le=1000, description=".npy inputs: frames per second (default: the model's)"
-    ),
-    video_id: str | None = Query(
-        None, max_length=128, description="id written in the scored CSV; default: file stem"
-    ),
+    fps: float | None = Query(None, gt=0, le=1000, description=".npy inputs: frames per second (default: the model's)"),
+    video_id: str | None = Query(None, max_length=128, description="id written in the scored CSV; default: file stem"),
     score_threshold: float | None = Query(None, ge=0.0, le=1.0),
 ) -> Response:
     runner = _runner(request)
@@ -120,9 +116,7 @@ async def detect(
                         413,
                         f"input lasts {info.duration_s:.1f} s, over the limit of {settings.max_video_s:g} s",
                     )
-                job = _create_job(
-                    runner, upload, info, video_id or upload.fields.get("video_id"), score_threshold
-                )
+                job = _create_job(runner, upload, info, video_id or upload.fields.get("video_id"), score_threshold)
             except BaseException:
                 upload.discard()
                 raise
@@ -149,12 +143,10 @@ async def detect(
     return JSONResponse(job_view(job), status_code=202, headers=location)
 
 
-def _create_job(runner: JobRunner, upload, info: inputs.InputInfo, video_id: str | None, threshold) -> Job:
+def _create_job(
+    runner: JobRunner, upload: Upload, info: inputs.InputInfo, video_id: str | None, threshold: float | None
+) -> Job:
     """Move the complete upload into its job directory, then insert the record (in that order)."""
-    from pathlib import Path
-
-    from service.jobs.results import fsync_dir
-
     job_id = Job.new_id()
     job_dir = runner.store.job_dir(job_id)
     job_dir.mkdir(parents=True)
@@ -204,7 +196,7 @@ async def get_job(request: Request, job_id: str) -> dict[str, Any]:
     return job_view(_get(_runner(request), job_id))
 
 
-def _result_path(runner: JobRunner, job: Job, fmt: str):
+def _result_path(runner: JobRunner, job: Job, fmt: str) -> Path:
     if job.state != JobState.DONE:
         raise HTTPException(409, f"job {job.id} is {job.state}; results exist once it is done")
     rel = job.results.get(fmt)
@@ -215,8 +207,6 @@ def _result_path(runner: JobRunner, job: Job, fmt: str):
 
 
 def _result_json(runner: JobRunner, job: Job) -> dict[str, Any]:
-    import json
-
     return json.loads(_result_path(runner, job, "json").read_bytes())
 
 
@@ -237,9 +227,7 @@ async def get_result(
         body = detections_csv(dets, video_id=job.video_id, scores=True)
         return Response(body, media_type=MEDIA_TYPES["csv"])
     filename = f"{job.video_id or job.id}.{fmt}"
-    return FileResponse(
-        path, media_type=MEDIA_TYPES[fmt], filename=filename, content_disposition_type="inline"
-    )
+    return FileResponse(path, media_type=MEDIA_TYPES[fmt], filename=filename, content_disposition_type="inline")
 
 
 @router.delete("/jobs/{job_id}", status_code=204, responses={202: {"description": "cancellation requested"}})

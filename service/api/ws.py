@@ -222,10 +222,8 @@ class StreamHandler:
         """
         if message.type in ("gesture_start", "gesture_end"):
             self.session.counters.events += 1
-        if (
-            not self.session.outbox.put_final(Outgoing(message.model_dump_json(), message.type, arrival))
-            and not force
-        ):
+        queued = self.session.outbox.put_final(Outgoing(message.model_dump_json(), message.type, arrival))
+        if not queued and not force and self.session.close_request is None:
             self.metrics.errors.labels(kind="slow_consumer").inc()
             self.session.request_close(CloseCode.SLOW_CONSUMER, "client does not read its events")
 
@@ -272,6 +270,8 @@ class StreamHandler:
             message = await self.ws.receive()
             if message["type"] == "websocket.disconnect":
                 raise ClientGone()
+            if s.close_request is not None:
+                return  # closing: the handler takes over
             s.touch()
             data, text = message.get("bytes"), message.get("text")
             size = len(data) if data is not None else len(text or "")

@@ -71,9 +71,7 @@ def read_detections_json(data: bytes | str) -> tuple[list[BatchDetection], dict[
 # ---- MiGA / SMG CSV ----
 
 
-def detections_csv(
-    dets: Sequence[BatchDetection], *, video_id: str | None = None, scores: bool = False
-) -> bytes:
+def detections_csv(dets: Sequence[BatchDetection], *, video_id: str | None = None, scores: bool = False) -> bytes:
     """SMG annotation layout: one row ``label,start_frame,end_frame`` per detection, no header.
 
     With ``scores`` (or a ``video_id``) the variant with a header
@@ -114,9 +112,7 @@ def timeline_png(
     fig = Figure(figsize=(12, 1.2 + 0.32 * n), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
     # Shading: low scores stay pale but never vanish (the lower quarter of the colour map is skipped).
-    cmap = colors.LinearSegmentedColormap.from_list(
-        "score", matplotlib.colormaps["Blues"](np.linspace(0.25, 1, 256))
-    )
+    cmap = colors.LinearSegmentedColormap.from_list("score", matplotlib.colormaps["Blues"](np.linspace(0.25, 1, 256)))
     norm = colors.Normalize(vmin=0.0, vmax=1.0)
     for d in dets:
         row = n - d.class_id  # class 1 on top
@@ -129,9 +125,7 @@ def timeline_png(
             linewidth=0.3,
         )
     ax.set_yticks(range(n))
-    ax.set_yticklabels(
-        [f"{i} {label}" for i, label in reversed(list(enumerate(classes, start=1)))], fontsize=8
-    )
+    ax.set_yticklabels([f"{i} {label}" for i, label in reversed(list(enumerate(classes, start=1)))], fontsize=8)
     ax.set_ylim(-0.6, n - 0.4)
     ax.set_xlim(0, end)
     ax.set_xlabel("time (s)")

@@ -26,7 +26,7 @@ from service.config import Settings
 from service.contract.model_card import ModelCard
 from service.detection.events import window_ends
 from service.jobs import inputs
-from service.jobs.results import AtomicWriter, BatchDetection, write_results
+from service.jobs.results import RESULT_FILES, AtomicWriter, BatchDetection, write_results
 from service.jobs.store import InputKind, Job, JobNotFound, JobState, JobStore
 
 log = logging.getLogger("mgstream.jobs")
@@ -261,6 +261,9 @@ class JobRunner:
         except OSError as exc:
             reason = "disk full" if disk_full(exc) else "I/O error"
             log.error("job %s failed: %s: %s", job.id, reason, exc)
+            for name in RESULT_FILES.values():  # no partial result set next to a failed job
+                with contextlib.suppress(OSError):
+                    (store.job_dir(job.id) / name).unlink(missing_ok=True)
             self._finish(job.id, JobState.FAILED, f"{reason}: {exc}")
         except Exception as exc:  # the job fails, the server keeps serving
             log.exception("job %s failed", job.id)
@@ -323,9 +326,7 @@ class JobRunner:
 
         events = await self.pipeline.detect(steps, job.fps, job.options.get("score_threshold"), on_window)
         report(force=True, windows_done=windows_total)
-        return [
-            BatchDetection.from_event(e) for e in events if getattr(e, "type", "gesture_end") == "gesture_end"
-        ]
+        return [BatchDetection.from_event(e) for e in events if getattr(e, "type", "gesture_end") == "gesture_end"]
 
     def _write(self, job: Job, dets: list[BatchDetection]) -> dict[str, Path]:
         card = self.pipeline.card
@@ -354,9 +355,7 @@ class JobRunner:
     def _expire(self) -> None:
         expired = self.store.expire(self.settings.job_retention_h * 3600.0)
         if expired:
-            log.info(
-                "retention: removed %d jobs older than %.1f h", len(expired), self.settings.job_retention_h
-            )
+            log.info("retention: removed %d jobs older than %.1f h", len(expired), self.settings.job_retention_h)
 
     async def _retention_loop(self) -> None:
         period = min(RETENTION_SWEEP_MAX_S, self.settings.job_retention_h * 3600.0 / 10)

@@ -63,25 +63,17 @@ def diagnose(path: Path, filename: str) -> InputError | None:
             )
         types = {t for t, _, _ in boxes}
         if b"moov" not in types:
-            return InputError(
-                f"{filename} is an MP4 without its index (moov box): truncated or never finalised"
-            )
+            return InputError(f"{filename} is an MP4 without its index (moov box): truncated or never finalised")
         if not any(t == b"mdat" and s > 16 for t, _, s in boxes):
             return InputError(f"{filename} contains no video frames (zero-frame MP4)")
         codec = _codec_tag(path, b"stsd", 16)
-        return UnsupportedInput(
-            f"{filename}: its video codec '{codec or 'unknown'}' cannot be decoded by this server"
-        )
+        return UnsupportedInput(f"{filename}: its video codec '{codec or 'unknown'}' cannot be decoded by this server")
     if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
         codec = _codec_tag(path, b"vids", 4)  # strh: fccType "vids", then the codec FourCC
         return UnsupportedInput(
             f"{filename}: an AVI whose video codec '{codec or 'unknown'}' cannot be decoded by this server"
         )
     if head[:4] == b"\x1a\x45\xdf\xa3":
-        return InputError(
-            f"{filename} is a Matroska/WebM file that cannot be decoded: truncated or unsupported codec"
-        )
+        return InputError(f"{filename} is a Matroska/WebM file that cannot be decoded: truncated or unsupported codec")
     preview = head[:8].hex()
-    return InputError(
-        f"{filename} is not a video: its content matches no known container (starts with {preview})"
-    )
+    return InputError(f"{filename} is not a video: its content matches no known container (starts with {preview})")

@@ -141,9 +141,7 @@ class JobStore:
             # NORMAL in WAL mode: a power loss may lose the last commits, never corrupts the database.
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA busy_timeout=5000")
-            cols = ", ".join(
-                f"{c} {_TYPES.get(c, 'TEXT')}" + (" PRIMARY KEY" if c == "id" else "") for c in _COLUMNS
-            )
+            cols = ", ".join(f"{c} {_TYPES.get(c, 'TEXT')}" + (" PRIMARY KEY" if c == "id" else "") for c in _COLUMNS)
             self._db.execute(f"CREATE TABLE IF NOT EXISTS jobs ({cols})")
             self._db.execute("CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_at)")
             self._db.execute("CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state)")
@@ -219,9 +217,7 @@ class JobStore:
         marks = ", ".join(f":s{i}" for i in range(len(from_states)))
         params = {**values, "id": job_id, **{f"s{i}": s for i, s in enumerate(from_states)}}
         with self._lock:
-            cur = self._db.execute(
-                f"UPDATE jobs SET {assignments} WHERE id = :id AND state IN ({marks})", params
-            )
+            cur = self._db.execute(f"UPDATE jobs SET {assignments} WHERE id = :id AND state IN ({marks})", params)
         return cur.rowcount == 1
 
     def page(self, *, offset: int = 0, limit: int = 50, state: str | None = None) -> tuple[list[Job], int]:
@@ -246,9 +242,7 @@ class JobStore:
     def count_active(self) -> int:
         with self._lock:
             return int(
-                self._db.execute(
-                    "SELECT COUNT(*) FROM jobs WHERE state IN (?, ?)", JobState.ACTIVE
-                ).fetchone()[0]
+                self._db.execute("SELECT COUNT(*) FROM jobs WHERE state IN (?, ?)", JobState.ACTIVE).fetchone()[0]
             )
 
     def delete(self, job_id: str) -> None:
@@ -276,9 +270,7 @@ class JobStore:
             else:
                 reason = None
             if reason:
-                self.update(
-                    job.id, state=JobState.FAILED, error=reason, finished_at=time.time(), eta_s=None, phase=""
-                )
+                self.update(job.id, state=JobState.FAILED, error=reason, finished_at=time.time(), eta_s=None, phase="")
                 failed.append(self.get(job.id))
             else:
                 note = f"resumed after a server restart (attempt {job.attempts + 1})"

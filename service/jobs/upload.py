@@ -145,9 +145,7 @@ async def receive_upload(
         raise UploadError(415, "send the file as multipart/form-data with a part named 'file'")
     # A declared length far over the cap is refused before a byte is read (multipart adds a little overhead).
     if content_length and content_length.isdigit() and int(content_length) > max_bytes + 64 * 1024:
-        raise UploadError(
-            413, f"upload of {int(content_length)} bytes exceeds the limit of {max_bytes / 2**20:g} MiB"
-        )
+        raise UploadError(413, f"upload of {int(content_length)} bytes exceeds the limit of {max_bytes / 2**20:g} MiB")
     sink = _Sink(tmp_dir, max_bytes, writer or AtomicWriter())
     parser = MultipartParser(params[b"boundary"], sink.callbacks())
     ok = False

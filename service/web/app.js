@@ -330,6 +330,7 @@
     bar.t1 = sessionOrigin + msg.end_time;
     bar.score = msg.score;
     bar.open = open;
+    drawTimeline();
   }
 
   function drawTimeline() {
