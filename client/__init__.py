@@ -1,5 +1,6 @@
-"""Python client for mgstream: live streams over WebSocket (async and blocking) and the command line."""
+"""Python client for mgstream: live streams over WebSocket (async and blocking), batch jobs over HTTP."""
 
+from client.batch import BatchClient, BatchError, JobFailed
 from client.streaming import (
     Reconnect,
     Reconnected,
@@ -15,6 +16,9 @@ from client.sync import SyncStream
 from client.sync import connect as connect_sync
 
 __all__ = [
+    "BatchClient",
+    "BatchError",
+    "JobFailed",
     "Reconnect",
     "Reconnected",
     "Stream",

@@ -36,6 +36,7 @@ from service.api.protocol import (
     CloseCode,
     EndedMessage,
     EndMessage,
+    ErrorCode,
     ErrorMessage,
     GestureEvent,
     InputKind,
@@ -67,6 +68,8 @@ RETRYABLE_CLOSE_CODES = frozenset(
 )
 # A refusal before the upgrade only has an HTTP status; map it to the close code the server would send.
 _HTTP_REFUSAL_CODES = {401: CloseCode.UNAUTHORIZED, 403: CloseCode.UNAUTHORIZED, 503: CloseCode.OVERLOADED}
+# Errors that a new attempt with the same `start` cannot fix.
+_FINAL_ERRORS = frozenset({ErrorCode.UNSUPPORTED, ErrorCode.BAD_MESSAGE, ErrorCode.UNAUTHORIZED})
 # Queued status messages beyond this backlog are skipped (the latest is still in ``Stream.status``).
 _STATUS_BACKLOG = 1000
 
@@ -78,16 +81,17 @@ class StreamError(Exception):
 class StreamRefused(StreamError):
     """The server refused to open the stream (auth, overload, bad ``start``) or could not be reached."""
 
-    def __init__(self, code: int | None, reason: str, http_status: int | None = None) -> None:
+    def __init__(self, code: int | None, reason: str, http_status: int | None = None, error: str | None = None) -> None:
         self.code = code
         self.reason = reason
         self.http_status = http_status
+        self.error = error  # the server's ErrorCode when it sent one (unsupported, unauthorized, ...)
         where = f" (HTTP {http_status})" if http_status is not None else f" (close code {code})" if code else ""
         super().__init__(f"stream refused{where}: {reason or 'no reason given'}")
 
     @property
     def retryable(self) -> bool:
-        if self.code == CloseCode.UNAUTHORIZED:
+        if self.code == CloseCode.UNAUTHORIZED or self.error in _FINAL_ERRORS:
             return False
         return self.code in RETRYABLE_CLOSE_CODES or self.code is None or (self.http_status or 0) >= 500
 
@@ -223,7 +227,7 @@ class Stream:
             body = exc.response.body.decode("utf-8", "replace").strip() if exc.response.body else ""
             code = _HTTP_REFUSAL_CODES.get(status)
             raise StreamRefused(code, body or exc.response.reason_phrase, http_status=status) from exc
-        except (OSError, InvalidHandshake, TimeoutError) as exc:
+        except (OSError, InvalidHandshake, asyncio.TimeoutError) as exc:
             raise StreamRefused(None, f"cannot connect to {self.url}: {exc}") from exc
 
         error: ErrorMessage | None = None
@@ -235,10 +239,15 @@ class Stream:
                     break
                 if isinstance(message, ErrorMessage):
                     error = message
-        except ConnectionClosed as exc:
+                    if not message.fatal:  # the server rejected this `start` (e.g. an input kind it lacks)
+                        await ws.close()
+                        raise StreamRefused(None, message.message, error=message.code)
+        except ConnectionClosed as exc:  # a fatal error (overload, auth) comes with its close code
             code, reason = _close_info(exc)
-            raise StreamRefused(code, error.message if error and not reason else reason) from exc
-        except TimeoutError as exc:
+            raise StreamRefused(
+                code, error.message if error and not reason else reason, error=error.code if error else None
+            ) from exc
+        except asyncio.TimeoutError as exc:
             await ws.close()
             raise StreamRefused(None, f"no 'ready' within {self.open_timeout_s:.0f} s") from exc
         self._ws, self.ready = ws, message
@@ -447,7 +456,7 @@ class Stream:
                 await self._ws.send(EndMessage().model_dump_json())
         self._end_sent = True
         if self._reader is not None:
-            with contextlib.suppress(TimeoutError):
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._reader), timeout or self.end_timeout_s)
         return self.ended
 
@@ -457,7 +466,7 @@ class Stream:
         if self._ws is not None:
             await self._ws.close()
         if self._reader is not None:
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(self._reader, 5.0)
 
     async def __aenter__(self) -> Stream:

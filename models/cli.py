@@ -8,14 +8,95 @@ from typing import Annotated
 import typer
 
 
-def evaluate() -> None:
-    """Not built yet."""
-    raise SystemExit("not built yet")
+def _quiet_threads() -> None:
+    # Spinning OpenMP workers collapse throughput on a shared 2-core machine; set before torch loads.
+    import os
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def export() -> None:
-    """Not built yet."""
-    raise SystemExit("not built yet")
+def evaluate(
+    model: Annotated[Path, typer.Argument(dir_okay=False, help="Checkpoint (.pt) or exported model (.onnx).")],
+    data: Annotated[Path, typer.Option(help="SMG-layout root, or the feature directory with --annotations.")] = Path(
+        "data/synth"
+    ),
+    split: Annotated[str, typer.Option(help="Split to evaluate (test for final numbers).")] = "test",
+    annotations: Annotated[
+        Path | None, typer.Option(help="ActionFormer-style JSON (generic layout); --data is then the .npy dir.")
+    ] = None,
+    units: Annotated[str, typer.Option(help="Generic layout: segment units, seconds or frames.")] = "seconds",
+    mode: Annotated[str, typer.Option(help="offline, windowed or both (offline needs a .pt).")] = "both",
+    hop: Annotated[int, typer.Option(min=1, help="Windowed mode: steps between windows.")] = 16,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the full report here.")] = None,
+) -> None:
+    """Evaluate a model on a split: SMG F1 (toolkit rule), strict F1, mAP, per-class F1."""
+    _quiet_threads()
+    import json
+
+    from rich.console import Console
+
+    from models.datasets import DataError
+    from models.run_eval import evaluate_outputs, load_model, sequence_outputs
+    from models.train import DataConfig, load_split
+
+    console = Console(stderr=True)
+    try:
+        loaded = load_model(model)
+        cfg = DataConfig(
+            format="generic" if annotations else "smg",
+            root=str(data),
+            annotations=str(annotations) if annotations else None,
+            units=units,
+        )
+        seqs = load_split(cfg, split, loaded.input_dim)
+        modes = ["offline", "windowed"] if mode == "both" else [mode]
+        if loaded.offline is None and "offline" in modes:
+            if mode == "offline":
+                raise ValueError("offline mode needs a checkpoint (.pt); an ONNX window model runs windowed")
+            modes = ["windowed"]
+        results = {}
+        for m in modes:
+            outputs = sequence_outputs(loaded, seqs, m, hop)
+            results[m] = evaluate_outputs(outputs, seqs, loaded.postprocess)
+    except (DataError, ValueError, FileNotFoundError) as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    for m, r in results.items():
+        f1, strict = r["smg_f1"], r["strict_f1"]
+        console.print(
+            f"{m:9s} split={split} sequences={len(seqs)}: SMG F1 {f1['f1']:.4f} (P {f1['precision']:.3f}, "
+            f"R {f1['recall']:.3f}), strict F1 {strict['f1']:.4f}, mAP@0.3:0.7 {r['map']['mean']:.4f}"
+        )
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps({"split": split, "hop": hop, "results": results}, indent=2))
+
+
+def export(
+    checkpoint: Annotated[Path, typer.Argument(dir_okay=False, help="Checkpoint written by train (best.pt).")],
+    out: Annotated[Path, typer.Option(help="ONNX file to write.")] = Path("models/default/mgstream-default.onnx"),
+    name: Annotated[str | None, typer.Option(help="Model name for the card (default: from the run).")] = None,
+    version: Annotated[str | None, typer.Option(help="Model version (default: from the run).")] = None,
+) -> None:
+    """Export the window model to ONNX with its model card, and check torch/onnxruntime parity."""
+    _quiet_threads()
+    from rich.console import Console
+
+    from models.detector import load_checkpoint
+    from models.export import export_checkpoint
+
+    console = Console(stderr=True)
+    try:
+        ckpt = load_checkpoint(checkpoint)
+    except (ValueError, FileNotFoundError) as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    card, diff = export_checkpoint(
+        ckpt, out, name or ckpt.meta.get("name", "mgstream-detector"), version or ckpt.meta.get("version", "0.1.0")
+    )
+    size = out.stat().st_size / 1e6
+    console.print(
+        f"wrote {out} ({size:.2f} MB): window {card.window_steps}, strides {list(card.strides)}, "
+        f"causal={card.causal}; torch/onnxruntime max abs diff {diff:.2e}"
+    )
 
 
 def synth(
@@ -67,6 +148,51 @@ def synth(
     )
 
 
-def train() -> None:
-    """Not built yet."""
-    raise SystemExit("not built yet")
+def train(
+    config: Annotated[Path, typer.Option(dir_okay=False, help="YAML run config (models/configs/*.yaml).")] = Path(
+        "models/configs/default.yaml"
+    ),
+    out: Annotated[Path, typer.Option(file_okay=False, help="Run directory (best.pt, metrics.json).")] = Path(
+        "runs/default"
+    ),
+    data: Annotated[Path | None, typer.Option(help="Override data.root of the config.")] = None,
+    iterations: Annotated[int | None, typer.Option(min=1, help="Override train.iterations.")] = None,
+    max_minutes: Annotated[float | None, typer.Option(min=0.01, help="Override train.max_minutes.")] = None,
+    aug_alpha: Annotated[float | None, typer.Option(help="Enable log2 label augmentation with this alpha.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Override train.seed.")] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+) -> None:
+    """Train the detector; selects the best EMA weights and tunes post-processing on validation."""
+    _quiet_threads()
+    from dataclasses import replace
+
+    from rich.console import Console
+
+    from models.datasets import DataError
+    from models.train import RunConfig
+    from models.train import train as run_training
+
+    console = Console(stderr=True)
+    try:
+        cfg = RunConfig.load(config)
+    except (ValueError, FileNotFoundError) as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    overrides = {
+        k: v
+        for k, v in {"iterations": iterations, "max_minutes": max_minutes, "aug_alpha": aug_alpha, "seed": seed}.items()
+        if v is not None
+    }
+    cfg = replace(cfg, train=replace(cfg.train, **overrides))
+    if data is not None:
+        cfg = replace(cfg, data=replace(cfg.data, root=str(data)))
+    try:
+        result = run_training(cfg, out, progress=progress, log=console.print)
+    except DataError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    tuned = result.tuned
+    console.print(
+        f"trained {result.iterations} iterations in {result.seconds / 60:.1f} min; "
+        f"best validation SMG F1 {max(result.val_f1, 0):.4f}"
+        + (f" (tuned: {tuned.f1:.4f}, {tuned.postprocess})" if tuned else "")
+        + f"; wrote {result.checkpoint}"
+    )

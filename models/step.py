@@ -138,18 +138,27 @@ class StepDetector(nn.Module):
 
     @staticmethod
     def _dfa(m: DFAConv, ext: torch.Tensor, n: int) -> torch.Tensor:
-        """DFAConv.forward on the last n positions of ext, which holds the k-1 inputs before them."""
+        """DFAConv.forward on the last n positions of ext, which holds the k-1 inputs before them.
+
+        Same sums as DFAConv, unrolled over the k taps: on a few positions ONNX Runtime's ReduceSum
+        over the tap axis costs more than the whole chunk's arithmetic."""
         k = m.k
         ext = ext[..., ext.shape[-1] - (k - 1 + n) :]
-        b, c, _ = ext.shape
-        taps = torch.stack([ext[..., i : i + n] for i in range(k)], dim=2)
-        g_c = geretanh((taps * m.gate_weight).sum(dim=2) + m.gate_bias, m.tau)
-        g_k = geretanh(m.tap_gate(ext[..., k - 1 :]), m.tau)
-        modulated = taps * g_c.unsqueeze(2) * g_k.unsqueeze(1)
+        taps = [ext[..., i : i + n] for i in range(k)]
+        g_pre = m.gate_bias
+        for i, tap in enumerate(taps):
+            g_pre = g_pre + tap * m.gate_weight[:, :, i]
+        g_c = geretanh(g_pre, m.tau)
+        g_k = geretanh(m.tap_gate(taps[-1]), m.tau)  # (B, k, n)
         if m.depthwise:
-            y = (modulated * m.agg_weight).sum(dim=2) + m.agg_bias
+            acc = None
+            for i, tap in enumerate(taps):
+                term = tap * (g_k[:, i : i + 1] * m.agg_weight[:, :, i])
+                acc = term if acc is None else acc + term
+            y = acc * g_c + m.agg_bias
         else:
-            y = m.agg(modulated.reshape(b, c * k, n))
+            modulated = torch.stack([tap * g_k[:, i : i + 1] for i, tap in enumerate(taps)], dim=2) * g_c.unsqueeze(2)
+            y = m.agg(modulated.reshape(ext.shape[0], ext.shape[1] * k, n))
         return m.norm(y)
 
     @staticmethod
@@ -187,66 +196,71 @@ class StepDetector(nn.Module):
             levels.append(x)
         return [norm(f) for norm, f in zip(enc.level_norms, levels, strict=True)]
 
-    def _msdy(self, io: _StateIO, name: str, layer: MSDyLayer, feats: list[torch.Tensor], valid: list[Valid]):
-        top = len(feats) - 1
-        keep = layer.from_fine.k - 1
-        fine, coarse = [], []
-        for lvl, f in enumerate(feats):
-            ext = self._extend(io, f"{name}.L{lvl}.x", lvl, f, keep, valid[lvl])
-            n = f.shape[-1]
-            fine.append(self._dfa(layer.from_fine, ext, n) if lvl < top else None)
-            coarse.append(self._dfa(layer.from_coarse, ext, n) if lvl > 0 else None)
-        out = []
-        for lvl, x in enumerate(feats):
-            n = x.shape[-1]
-            parts = []
-            if lvl > 0:  # coarse j takes fine 2j+1, the newest of its pair
-                parts.append(fine[lvl - 1][..., 1::2] if self.n[lvl - 1] >= 2 else fine[lvl - 1])
-            if lvl < top:  # fine i takes coarse floor((i+1)/2)-1, the newest complete one
-                c = coarse[lvl + 1]
-                last = io.read(f"{name}.L{lvl + 1}.coarse_last", lvl + 1, (c.shape[1], 1))
-                if n >= 2:
-                    up = torch.stack([c, c], dim=-1).reshape(c.shape[0], c.shape[1], 2 * c.shape[-1])
-                    up = torch.cat([last, up], dim=-1)[..., :n]
-                    io.write(f"{name}.L{lvl + 1}.coarse_last", c[..., -1:], last, valid[lvl + 1])
-                else:
-                    v = valid[lvl + 1]
-                    up = c if v is None else torch.where(v.view(-1, 1, 1), c, last)
-                    io.write(f"{name}.L{lvl + 1}.coarse_last", c, last, v)
-                parts.append(up)
-            nb = parts[0] if len(parts) == 1 else parts[0] + parts[1]
-            fused = layer.beta * x + layer.alpha * nb
-            ext = self._extend(io, f"{name}.L{lvl}.fused", lvl, fused, layer.depth.k - 1, valid[lvl])
-            out.append(torch.relu(self._dfa(layer.depth, ext, n)))
-        return out
+    # -- heads: all levels packed on one position axis (weights are shared across levels) ---------
 
-    def _sta(self, io: _StateIO, name: str, level: int, sta: SpatialTemporalAttention, x: torch.Tensor, valid: Valid):
-        n = x.shape[-1]
+    def _hist(self, io: _StateIO, name: str, x: torch.Tensor, keep: int) -> torch.Tensor:
+        """ext = [every level's last ``keep`` inputs; x (B, C, N)]: taps are static gathers from it."""
+        old = io.read(name, -1, (x.shape[1], self.levels * keep))
+        ext = torch.cat([old, x], dim=-1)
+        io.write(name, torch.index_select(ext, 2, self._idx(f"hist{keep}")), old, self._hist_mask(keep))
+        return ext
+
+    def _idx(self, key: str) -> torch.Tensor:
+        return getattr(self, f"_i_{key}")
+
+    def _taps(self, ext: torch.Tensor, k: int, keep: int) -> list[torch.Tensor]:
+        return [torch.index_select(ext, 2, self._idx(f"tap{k}_{keep}_{i}")) for i in range(k)]
+
+    def _msdy(self, io: _StateIO, name: str, layer: MSDyLayer, x: torch.Tensor) -> torch.Tensor:
+        keep = layer.from_fine.k - 1
+        ext = self._hist(io, f"{name}.x", x, keep)
+        taps = self._taps(ext, layer.from_fine.k, keep)
+        fine = self._dfa_taps(layer.from_fine, taps)
+        coarse = self._dfa_taps(layer.from_coarse, taps)
+        # Coarse j takes fine 2j+1, the newest of its pair (level 0 reads the zero column).
+        nb = torch.index_select(torch.cat([fine, torch.zeros_like(fine[..., :1])], dim=-1), 2, self._i_from_fine)
+        # Fine i takes coarse floor((i+1)/2)-1, the newest complete one: cached, or new in this chunk.
+        last = io.read(f"{name}.coarse_last", -1, (x.shape[1], self.levels - 1))
+        ext_c = torch.cat([last, coarse, torch.zeros_like(coarse[..., :1])], dim=-1)
+        up = torch.index_select(ext_c, 2, self._i_from_coarse)
+        if self._coarse_mask is not None:
+            up = torch.where(self._coarse_mask, up, torch.index_select(ext_c, 2, self._i_from_coarse_old))
+        io.write(f"{name}.coarse_last", torch.index_select(ext_c, 2, self._i_coarse_last), last, self._last_mask)
+        fused = layer.beta * x + layer.alpha * (nb + up)
+        k = layer.depth.k
+        ext = self._hist(io, f"{name}.fused", fused, k - 1)
+        return torch.relu(self._dfa_taps(layer.depth, self._taps(ext, k, k - 1)))
+
+    def _sta(self, io: _StateIO, name: str, sta: SpatialTemporalAttention, x: torch.Tensor) -> torch.Tensor:
         window = sta.avg.window
         if window > 1:
-            ext = self._extend(io, f"{name}.x", level, x, window - 1, valid)
-            avg = F.avg_pool1d(ext, window, stride=1)
-            mx = F.max_pool1d(ext, window, stride=1)
+            ext = self._hist(io, f"{name}.x", x, window - 1)
+            b, c, n = x.shape
+            win = torch.index_select(ext, 2, self._idx(f"win{window}")).reshape(b, c, n, window)
+            avg, mx = win.mean(dim=-1), win.amax(dim=-1)
         else:
             avg = mx = x
         a_c = torch.sigmoid(sta.mlp(avg) + sta.mlp(mx))
         x_c = x * (1 + a_c) if sta.residual else x * a_c
         pooled = torch.cat([x_c.mean(dim=1, keepdim=True), x_c.amax(dim=1, keepdim=True)], dim=1)
-        conv = sta.time_conv
-        ext = self._extend(io, f"{name}.pooled", level, pooled, conv.k - 1, valid)
-        gate = torch.sigmoid(conv.conv(ext))
+        gate = torch.sigmoid(self._conv_taps(io, f"{name}.pooled", sta.time_conv.conv, pooled))
         return x_c * (1 + gate) if sta.residual else x_c * gate
 
-    def _head(self, io: _StateIO, name: str, head: DetectionHead, feats: list[torch.Tensor], valid: list[Valid]):
+    def _conv_taps(self, io: _StateIO, name: str, conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
+        """A causal Conv1d of kernel k as one 1x1 conv over the k stacked taps (tap-major channels)."""
+        k = conv.kernel_size[0]
+        if k == 1:
+            return conv(x)
+        taps = self._taps(self._hist(io, name, x, k - 1), k, k - 1)
+        weight = conv.weight.permute(0, 2, 1).reshape(conv.out_channels, -1, 1)
+        return F.conv1d(torch.cat(taps, dim=1), weight, conv.bias)
+
+    def _head(self, io: _StateIO, name: str, head: DetectionHead, x: torch.Tensor) -> torch.Tensor:
         for j, layer in enumerate(head.layers):
-            feats = self._msdy(io, f"head.{name}.layer{j}", layer, feats, valid)
-        out = []
-        for lvl, f in enumerate(feats):
-            if head.sta is not None:
-                f = self._sta(io, f"head.{name}.sta.L{lvl}", lvl, head.sta, f, valid[lvl])
-            ext = self._extend(io, f"head.{name}.pred.L{lvl}", lvl, f, head.pred.k - 1, valid[lvl])
-            out.append(head.pred.conv(ext))
-        return out
+            x = self._msdy(io, f"head.{name}.layer{j}", layer, x)
+        if head.sta is not None:
+            x = self._sta(io, f"head.{name}.sta", head.sta, x)
+        return self._conv_taps(io, f"head.{name}.pred", head.pred.conv, x)
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +23,10 @@ from models.assign import AssignConfig, assign
 from models.augment import expand_instances
 from models.datasets import DataError, Sequence, load_generic, load_smg
 from models.detector import Detector, run_sequence, save_checkpoint
-from models.evaluation import evaluate_detections
-from models.infer import SequenceOutputs, detections, to_frame_rows
+from models.infer import SequenceOutputs
 from models.losses import DetectionLoss
 from models.nn.config import ModelConfig
+from models.run_eval import evaluate_outputs
 from models.tune import TuneResult, best_threshold, tune_postprocess
 from service.contract.classes import SMG_CLASSES
 from service.contract.features import DEFAULT_SPEC, FeatureSpec
@@ -344,18 +344,6 @@ def ground_truth(sequences: list[Sequence]) -> dict[str, list]:
     return {s.video_id: s.ground_truth() for s in sequences}
 
 
-def report(outputs: list[SequenceOutputs], sequences: list[Sequence], pp: PostProcess) -> dict:
-    """Every metric (SMG F1, strict F1, mAP, per-class F1) with the given post-processing."""
-    preds = {o.video_id: to_frame_rows(o, detections(o, pp)) for o in outputs}
-    # mAP wants a low threshold (ranking over all candidates); F1 uses the tuned one.
-    low = replace(pp, score_threshold=0.01)
-    ranked = {o.video_id: to_frame_rows(o, detections(o, low)) for o in outputs}
-    gt = ground_truth(sequences)
-    result = evaluate_detections(preds, gt)
-    result["map"] = evaluate_detections(ranked, gt)["map"]
-    return result
-
-
 # ----------------------------------------------------------------------------- main loop
 
 
@@ -445,7 +433,7 @@ def train(
         opt.step()
         ema.update(model)
         it += 1
-        value = float(losses["loss"])
+        value = float(losses["loss"].detach())
         running = value if running is None else 0.95 * running + 0.05 * value
         bar.update(1)
         bar.set_postfix(loss=f"{running:.3f}", best_f1=f"{max(best_f1, 0):.3f}")
@@ -464,7 +452,7 @@ def train(
         outputs = offline_outputs(final, val_seqs)
         tuned = tune_postprocess(outputs, gt_val, base=select_pp)
         pp = tuned.postprocess
-        val_report = report(outputs, val_seqs, pp)
+        val_report = evaluate_outputs(outputs, val_seqs, pp)
         metrics.update(
             {
                 "val_smg_f1": val_report["smg_f1"]["f1"],

@@ -96,9 +96,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if card.feature.input_kind == "features":
         from service.features.clip import create_clip_batcher
 
-        state.clip_batcher = await loop.run_in_executor(
-            None, create_clip_batcher, settings, card.feature.feature_dim
-        )
+        state.clip_batcher = await loop.run_in_executor(None, create_clip_batcher, settings, card.feature.feature_dim)
     kinds = await loop.run_in_executor(None, supported_inputs, card, settings, state.clip_batcher)
     state.serving = resolve_serving(card, settings, kinds)
     state.scheduler = Scheduler(

@@ -17,23 +17,15 @@ class Metrics:
         self.sessions_active = Gauge("mgstream_sessions_active", "Open streaming sessions", registry=r)
         self.rejections = Counter("mgstream_rejections_total", "Refused streams", ["reason"], registry=r)
         self.frames = Counter("mgstream_frames_total", "Media messages received", registry=r)
-        self.frames_dropped = Counter(
-            "mgstream_frames_dropped_total", "Frames not processed", ["reason"], registry=r
-        )
+        self.frames_dropped = Counter("mgstream_frames_dropped_total", "Frames not processed", ["reason"], registry=r)
         self.errors = Counter("mgstream_errors_total", "Errors by kind", ["kind"], registry=r)
         self.events = Counter("mgstream_events_total", "Events sent", ["type"], registry=r)
         self.queue_depth = Gauge("mgstream_scheduler_queue_depth", "Requests waiting for a batch", registry=r)
         self.runtime_up = Gauge("mgstream_runtime_up", "1 while the model runtime is healthy", registry=r)
         self.batch_size = Histogram("mgstream_batch_size", "Requests per batch", buckets=_BATCH, registry=r)
-        self.queue_wait = Histogram(
-            "mgstream_queue_wait_seconds", "Submit to batch start", buckets=_MS, registry=r
-        )
-        self.inference = Histogram(
-            "mgstream_inference_seconds", "One batch in the runtime", buckets=_MS, registry=r
-        )
-        self.featurize = Histogram(
-            "mgstream_featurize_seconds", "One message featurized", buckets=_MS, registry=r
-        )
+        self.queue_wait = Histogram("mgstream_queue_wait_seconds", "Submit to batch start", buckets=_MS, registry=r)
+        self.inference = Histogram("mgstream_inference_seconds", "One batch in the runtime", buckets=_MS, registry=r)
+        self.featurize = Histogram("mgstream_featurize_seconds", "One message featurized", buckets=_MS, registry=r)
         self.frame_to_event = Histogram(
             "mgstream_frame_to_event_seconds",
             "Arrival of the frame that completed a window to its event sent",

@@ -142,9 +142,7 @@ def build_tiny_model(path: Path, card: ModelCard | None = None) -> Path:
         ],
         initializer=inits,
     )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="mgstream-tests"
-    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="mgstream-tests")
     model.ir_version = 8
     for key, value in card.to_metadata().items():
         entry = model.metadata_props.add()
@@ -194,9 +192,7 @@ def synth_keypoints(n_frames: int, gestures: list[Gesture], seed: int = 0) -> np
     return kp
 
 
-def random_gestures(
-    n_frames: int, seed: int, count: int = 3, min_len: int = 30, max_len: int = 90
-) -> list[Gesture]:
+def random_gestures(n_frames: int, seed: int, count: int = 3, min_len: int = 30, max_len: int = 90) -> list[Gesture]:
     """Non-overlapping hand gestures spread over the sequence, different per seed."""
     rng = np.random.default_rng(seed)
     slot = n_frames // count

@@ -187,6 +187,34 @@ def test_bad_frame_gets_an_error_and_the_stream_goes_on(server, keypoints: np.nd
     assert ended is not None and ended.frames_received == 2
 
 
+def test_feature_steps_stream(server, keypoints: np.ndarray) -> None:
+    """Clients that compute features themselves send one step per message (frames_per_step frames each)."""
+    from service.contract.features import keypoints_to_steps
+
+    steps = keypoints_to_steps(keypoints)
+
+    async def run() -> tuple[list, EndedMessage | None]:
+        async with connect(server.http, input="features", fps=FPS) as stream:
+            assert stream.ready is not None and stream.ready.feature_dim == steps.shape[1]
+            pacer = _Pacer(SEND_RATE / stream.ready.frames_per_step)
+            for step in steps:
+                await stream.send_features(step)
+                await asyncio.sleep(pacer.delay())
+            ended = await stream.end()
+            return [e async for e in stream], ended
+
+    events, ended = asyncio.run(run())
+    assert ended is not None and ended.frames_received == len(steps)
+    _assert_found_the_gestures(_ends(events))
+
+
+def test_rejected_start_is_refused_with_the_servers_reason(server) -> None:
+    with pytest.raises(StreamRefused) as info:
+        connect_sync(server.http, input="keypoints", classes=[99])
+    assert info.value.error == "bad_message" and "classes" in info.value.reason
+    assert not info.value.retryable
+
+
 def test_unreachable_server_is_refused_without_code() -> None:
     port = free_port()  # nothing listens there
 

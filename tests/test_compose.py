@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -41,7 +40,8 @@ def _compose_binary() -> Path | None:
 
 @pytest.fixture(scope="module")
 def compose(tmp_path_factory: pytest.TempPathFactory) -> list[str] | None:
-    """The command prefix for Compose v2: ``docker compose`` via the plugin, else the bare binary."""
+    """The command prefix for Compose v2: ``docker compose`` via the plugin (a private ``--config`` dir
+    holds the plugin link, as DOCKER_CONFIG would), else the bare binary."""
     binary = _compose_binary()
     if binary is None:
         return None
@@ -50,10 +50,9 @@ def compose(tmp_path_factory: pytest.TempPathFactory) -> list[str] | None:
         config = tmp_path_factory.mktemp("dockercfg")
         (config / "cli-plugins").mkdir()
         (config / "cli-plugins" / "docker-compose").symlink_to(binary)
-        os.environ["DOCKER_CONFIG"] = str(config)
-        probe = subprocess.run([docker, "compose", "version"], capture_output=True, text=True)
+        probe = subprocess.run([docker, "--config", str(config), "compose", "version"], capture_output=True, text=True)
         if probe.returncode == 0 and "v2" in probe.stdout:
-            return [docker, "compose"]
+            return [docker, "--config", str(config), "compose"]
     return [str(binary)]
 
 
@@ -192,7 +191,7 @@ def test_server_image_runs_as_non_root_with_readyz_healthcheck() -> None:
     users = re.findall(r"^USER (\S+)", server, re.MULTILINE)
     assert users and users[-1] not in ("root", "0")
     assert re.search(r"^HEALTHCHECK .*CMD .*/readyz", server, re.MULTILINE)
-    assert re.search(r"^CMD .*mgstream serve", server, re.MULTILINE)
+    assert re.search(r'^CMD \["mgstream", "serve"', server, re.MULTILINE)
 
 
 def test_trainer_image_pins_torch() -> None:

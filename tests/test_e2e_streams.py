@@ -43,10 +43,12 @@ def test_concurrent_realtime_clients_each_get_exactly_their_own_events(server, t
     sequences = [client_sequence(i) for i in range(CLIENTS)]
 
     async def main():
-        return await asyncio.gather(*(
-            stream_payloads(server.ws, keypoint_payloads(kp), pace=True, start={"stream_id": f"client-{i}"})
-            for i, kp in enumerate(sequences)
-        ))
+        return await asyncio.gather(
+            *(
+                stream_payloads(server.ws, keypoint_payloads(kp), pace=True, start={"stream_id": f"client-{i}"})
+                for i, kp in enumerate(sequences)
+            )
+        )
 
     results = asyncio.run(main())
     for i, (kp, result) in enumerate(zip(sequences, results, strict=True)):
@@ -85,13 +87,13 @@ def test_jpeg_frames_through_the_pose_featurizer(server, tiny_runtime) -> None:
     assert result.ends() == offline_ends(events)
 
 
+@pytest.mark.slow
 def test_exported_detector_streams_exactly_like_offline(exported_model, tmp_path) -> None:
     """The trainer's architecture (random weights, low threshold: many events) through the server."""
     kp = synth_keypoints(400, [Gesture(1, 50, 150), Gesture(2, 220, 330)], seed=9)
     runtime = OnnxModelRuntime(exported_model, ["CPUExecutionProvider"])
     threshold = float(np.quantile(runtime.run({"features": np.zeros((1, 64, 372), np.float32)})["scores"], 0.9))
-    expected = offline_ends(detect_steps_sync(runtime, keypoints_to_steps(kp), runtime.card,
-                                              score_threshold=threshold))
+    expected = offline_ends(detect_steps_sync(runtime, keypoints_to_steps(kp), runtime.card, score_threshold=threshold))
     env = {"MGSTREAM_INBOUND_QUEUE_FRAMES": "100000"}
     with run_server(exported_model, tmp_path, env=env) as srv:
         result = asyncio.run(stream_payloads(srv.ws, keypoint_payloads(kp), start={"score_threshold": threshold}))
@@ -133,11 +135,15 @@ def test_default_model_streamed_f1_is_at_least_90_percent_of_offline(default_mod
             truth[vid] = [(c, s, e) for c, s, e in labels]
             result = asyncio.run(stream_payloads(srv.ws, keypoint_payloads(kp), fps=fps))
             streamed[vid] = [(e["class_id"], e["start_frame"], e["end_frame"], e["score"]) for e in result.ends()]
-            offline[vid] = [(d.class_id, d.start_step * f, d.end_step * f, d.score)
-                            for d in full_sequence_detections(runtime, keypoints_to_steps(kp), card)]
+            offline[vid] = [
+                (d.class_id, d.start_step * f, d.end_step * f, d.score)
+                for d in full_sequence_detections(runtime, keypoints_to_steps(kp), card)
+            ]
     f1_stream, f1_offline = toolkit_f1(streamed, truth).f1, toolkit_f1(offline, truth).f1
-    print(f"\nMiGA/SMG F1 on 4 held-out synthetic minutes: streamed {f1_stream:.3f}, "
-          f"offline full-sequence {f1_offline:.3f} (ratio {f1_stream / max(f1_offline, 1e-9):.3f})")
+    print(
+        f"\nMiGA/SMG F1 on 4 held-out synthetic minutes: streamed {f1_stream:.3f}, "
+        f"offline full-sequence {f1_offline:.3f} (ratio {f1_stream / max(f1_offline, 1e-9):.3f})"
+    )
     assert f1_stream >= 0.9 * f1_offline
 
 

@@ -147,11 +147,9 @@ def test_a_failed_batch_fails_every_request_and_repeated_failures_kill_the_runti
         rt = RecordingRuntime(max_failures=2)
         rt.fail = True
         metrics = Metrics()
-        sched = Scheduler(rt, max_batch=4, max_wait_ms=20, buckets=[4], metrics=metrics,
-                          on_dead=dead_reasons.append)
+        sched = Scheduler(rt, max_batch=4, max_wait_ms=20, buckets=[4], metrics=metrics, on_dead=dead_reasons.append)
         sched.start()
-        first = await asyncio.gather(*(sched.submit(f"s{i}", window(i)) for i in range(3)),
-                                     return_exceptions=True)
+        first = await asyncio.gather(*(sched.submit(f"s{i}", window(i)) for i in range(3)), return_exceptions=True)
         second = await asyncio.gather(sched.submit("t", window(1)), return_exceptions=True)
         with pytest.raises(RuntimeDead):
             await sched.submit("after", window(1))

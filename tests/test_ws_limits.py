@@ -76,7 +76,9 @@ def test_api_key_by_header_query_or_start_message(server) -> None:
     assert asyncio.run(opens(server.ws)) == (ErrorCode.UNAUTHORIZED, CloseCode.UNAUTHORIZED)
     assert asyncio.run(opens(server.ws, key_in_start="wrong")) == (ErrorCode.UNAUTHORIZED, CloseCode.UNAUTHORIZED)
     assert asyncio.run(opens(server.ws, headers={"X-API-Key": "wrong"})) == (
-        ErrorCode.UNAUTHORIZED, CloseCode.UNAUTHORIZED)
+        ErrorCode.UNAUTHORIZED,
+        CloseCode.UNAUTHORIZED,
+    )
     assert httpx.get(f"{server.http}/v1/models").status_code == 401
     assert httpx.get(f"{server.http}/v1/models", headers=AUTH).status_code == 200
     wait_for_no_sessions(server)
@@ -97,8 +99,16 @@ def test_admission_beyond_max_sessions_is_refused_with_1013(server) -> None:
     before = server.metric("mgstream_rejections_total", 'reason="overloaded"')
     messages, code, reason = asyncio.run(main())
     assert code == CloseCode.OVERLOADED and "capacity" in reason
-    assert messages == [{"type": "error", "stream_id": None, "code": ErrorCode.OVERLOADED, "message": reason,
-                         "fatal": True, "seq": None}]
+    assert messages == [
+        {
+            "type": "error",
+            "stream_id": None,
+            "code": ErrorCode.OVERLOADED,
+            "message": reason,
+            "fatal": True,
+            "seq": None,
+        }
+    ]
     assert server.metric("mgstream_rejections_total", 'reason="overloaded"') == before + 1
     wait_for_no_sessions(server)
 

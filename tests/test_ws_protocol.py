@@ -63,8 +63,14 @@ def test_stream_is_ready_then_gets_exactly_the_offline_events(server, tiny_runti
     assert set(starts) == {e["event_id"] for e in ends}
     assert all(m["stream_id"] == "cam-1" for m in result.messages if "stream_id" in m)
     final = result.messages[-1]
-    assert final == {"type": "end", "stream_id": "cam-1", "frames_received": 300, "frames_processed": 300,
-                     "frames_dropped": 0, "events": 4}
+    assert final == {
+        "type": "end",
+        "stream_id": "cam-1",
+        "frames_received": 300,
+        "frames_processed": 300,
+        "frames_dropped": 0,
+        "events": 4,
+    }
     assert result.close_code == CloseCode.NORMAL
 
 
@@ -100,12 +106,12 @@ def test_every_bad_message_gets_an_error_and_the_stream_goes_on(server, tiny_run
             await _send_and_expect(ws, "{not json", ErrorCode.BAD_MESSAGE)
             await _send_and_expect(ws, json.dumps(keypoints[0].tolist()[:4]), ErrorCode.BAD_MESSAGE)
             await _send_and_expect(ws, json.dumps({"type": "start"}), ErrorCode.BAD_MESSAGE)
-            await _send_and_expect(ws, json.dumps({"type": "start", "input": "keypoints", "classes": [99]}),
-                                   ErrorCode.BAD_MESSAGE)
+            await _send_and_expect(
+                ws, json.dumps({"type": "start", "input": "keypoints", "classes": [99]}), ErrorCode.BAD_MESSAGE
+            )
             await ws.send(json.dumps({"type": "start", "input": "keypoints", "stream_id": "rough"}))
             assert json.loads(await ws.recv())["type"] == "ready"
-            await _send_and_expect(ws, json.dumps({"type": "start", "input": "keypoints"}),
-                                   ErrorCode.ALREADY_STARTED)
+            await _send_and_expect(ws, json.dumps({"type": "start", "input": "keypoints"}), ErrorCode.ALREADY_STARTED)
             # Binary problems.
             await _send_and_expect(ws, b"\x01\x00\x00", ErrorCode.BAD_HEADER)
             await _send_and_expect(ws, struct.pack("<BBHId", 9, 0, 0, 1, 0.0) + good[0], ErrorCode.BAD_HEADER)
@@ -160,7 +166,13 @@ def test_ops_endpoints(server) -> None:
     assert model["provider"] == "CPUExecutionProvider" and model["hop_steps"] == 4
     assert set(model["input_kinds"]) == {"jpeg", "png", "keypoints", "features"}
     text = httpx.get(f"{server.http}/metrics").text
-    for name in ("mgstream_sessions_active", "mgstream_batch_size_bucket", "mgstream_queue_wait_seconds_bucket",
-                 "mgstream_inference_seconds_bucket", "mgstream_featurize_seconds_bucket",
-                 "mgstream_frame_to_event_seconds_bucket", "mgstream_runtime_up 1.0"):
+    for name in (
+        "mgstream_sessions_active",
+        "mgstream_batch_size_bucket",
+        "mgstream_queue_wait_seconds_bucket",
+        "mgstream_inference_seconds_bucket",
+        "mgstream_featurize_seconds_bucket",
+        "mgstream_frame_to_event_seconds_bucket",
+        "mgstream_runtime_up 1.0",
+    ):
         assert name in text

@@ -188,9 +188,7 @@ class StreamHandler:
 
     async def _close(self, sender: asyncio.Task) -> None:
         request = self.session.close_request
-        code, reason = (
-            (request.code, request.reason) if request else (CloseCode.INTERNAL_ERROR, "internal error")
-        )
+        code, reason = (request.code, request.reason) if request else (CloseCode.INTERNAL_ERROR, "internal error")
         if code == CloseCode.NORMAL:
             grace = _END_GRACE_S
         else:
@@ -233,9 +231,7 @@ class StreamHandler:
         s.counters.bad_messages += 1
         self.metrics.errors.labels(kind=code).inc()
         self._final(
-            ErrorMessage(
-                stream_id=s.stream_id if s.started else None, code=code, message=message[:500], seq=seq
-            )
+            ErrorMessage(stream_id=s.stream_id if s.started else None, code=code, message=message[:500], seq=seq)
         )
         if s.counters.bad_messages >= self.settings.max_bad_messages:
             s.request_close(CloseCode.PROTOCOL_VIOLATION, f"{s.counters.bad_messages} bad messages")
@@ -331,17 +327,13 @@ class StreamHandler:
             return
         serving = self.state.serving
         if start.input not in serving.input_kinds:
-            self._bad(
-                ErrorCode.UNSUPPORTED, f"this model takes {', '.join(serving.input_kinds)}, not {start.input}"
-            )
+            self._bad(ErrorCode.UNSUPPORTED, f"this model takes {', '.join(serving.input_kinds)}, not {start.input}")
             return
         try:
             # Building a featurizer may load graphs (MediaPipe): off the event loop.
             featurizer = await asyncio.get_running_loop().run_in_executor(
                 None,
-                lambda: create_featurizer(
-                    start.input, self.card, self.settings, clip_batcher=self.state.clip_batcher
-                ),
+                lambda: create_featurizer(start.input, self.card, self.settings, clip_batcher=self.state.clip_batcher),
             )
         except UnsupportedInput as exc:
             self._bad(ErrorCode.UNSUPPORTED, str(exc))

@@ -116,8 +116,7 @@ class ModelRuntime(ABC):
         timings: dict[int, float] = {}
         for size in batch_sizes:
             feed = {
-                spec.name: np.zeros((size, *[d or 1 for d in spec.shape]), dtype=np.float32)
-                for spec in self.inputs
+                spec.name: np.zeros((size, *[d or 1 for d in spec.shape]), dtype=np.float32) for spec in self.inputs
             }
             started = time.perf_counter()
             self.run(feed)

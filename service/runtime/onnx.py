@@ -55,12 +55,8 @@ def _check_io(actual: list, expected: tuple[TensorSpec, ...], what: str) -> None
         if spec.name not in by_name:
             raise ModelCardError(f"model has no {what} named '{spec.name}' (has {sorted(by_name)})")
         got = _dims(by_name[spec.name].shape)
-        if len(got) != len(spec.shape) or any(
-            g is not None and g != w for g, w in zip(got, spec.shape, strict=True)
-        ):
-            raise ModelCardError(
-                f"{what} '{spec.name}' has shape {got} (no batch); the card implies {spec.shape}"
-            )
+        if len(got) != len(spec.shape) or any(g is not None and g != w for g, w in zip(got, spec.shape, strict=True)):
+            raise ModelCardError(f"{what} '{spec.name}' has shape {got} (no batch); the card implies {spec.shape}")
 
 
 class OnnxModelRuntime(ModelRuntime):

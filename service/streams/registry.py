@@ -64,9 +64,7 @@ class SessionRegistry:
 
     def start_reaper(self, interval_s: float) -> None:
         if self._reaper is None:
-            self._reaper = asyncio.get_running_loop().create_task(
-                self._reap_forever(interval_s), name="reaper"
-            )
+            self._reaper = asyncio.get_running_loop().create_task(self._reap_forever(interval_s), name="reaper")
 
     def reap(self, now: float | None = None) -> int:
         """Ask every expired session to close; returns how many."""
