@@ -14,10 +14,17 @@ share a batch. Cross-level links carry their own small state: a stride-2 level w
 yields one position per chunk keeps the pending even input; the causal upsample keeps the last
 completed coarse vector.
 
-Numbers equal the full causal forward over the whole sequence (tests/test_step_model.py).
+The heads share their weights across levels, so the step form runs all levels' new positions as one
+packed axis of N = sum(n_l) positions (the output slot order): a time-mixing op keeps every level's
+last k-1 inputs in one state segment, and its taps are static gathers from [state; new inputs].
+This is ~5x fewer graph nodes than one call per level, which is what a chunk of a few positions
+costs in ONNX Runtime. Numbers equal the full causal forward over the whole sequence
+(tests/test_step_model.py).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +37,7 @@ from models.nn.layers import DFAConv, geretanh
 from models.nn.sta import SpatialTemporalAttention
 from service.contract.step_layout import StateSegment, StepLayout, is_power_of_two
 
-Valid = torch.Tensor | None  # (B,) bool per level; None: always valid
+Valid = torch.Tensor | None  # (B,) bool per level; None: the level completes positions every chunk
 
 
 class _StateIO:
@@ -57,13 +64,25 @@ class _StateIO:
         self.cursor += size
         return value
 
-    def write(self, name: str, value: torch.Tensor, old: torch.Tensor, valid: Valid) -> None:
-        if valid is not None:
-            value = torch.where(valid.view(-1, *([1] * (value.dim() - 1))), value, old)
-        self.new[name] = value
+    def write(self, name: str, value: torch.Tensor, old: torch.Tensor, keep_new: torch.Tensor | None) -> None:
+        """keep_new: a mask broadcastable to value (False keeps the old entry), or None."""
+        self.new[name] = value if keep_new is None else torch.where(keep_new, value, old)
 
     def output(self) -> torch.Tensor:
         return torch.cat([self.new[s.name].flatten(1) for s in self.segments], dim=1)
+
+
+@dataclass
+class _Call:
+    """Per-call values: state I/O and the per-stream validity of every level (from the phase)."""
+
+    io: _StateIO
+    valid: list[Valid]
+    masks: dict[str, torch.Tensor | None]
+
+
+def _stream_mask(valid: Valid) -> torch.Tensor | None:
+    return None if valid is None else valid.view(-1, 1, 1)
 
 
 class StepDetector(nn.Module):
@@ -82,10 +101,13 @@ class StepDetector(nn.Module):
         self.det = detector.eval()
         self.cfg = cfg
         self.chunk_steps = chunk_steps
+        self.levels = cfg.levels
         self.n = [max(chunk_steps // s, 1) for s in cfg.strides]
+        self.starts = [sum(self.n[:lvl]) for lvl in range(self.levels)]
+        self._build_indices()
         with torch.no_grad():
-            io = self._run(torch.zeros(1, chunk_steps, cfg.input_dim), None, torch.zeros(1, 1, dtype=torch.long))[-1]
-        self.layout = StepLayout(chunk_steps, cfg.strides, tuple(io.segments))
+            call = self._run(torch.zeros(1, chunk_steps, cfg.input_dim), None, torch.zeros(1, 1, dtype=torch.long))[-1]
+        self.layout = StepLayout(chunk_steps, cfg.strides, tuple(call.io.segments))
 
     @property
     def state_size(self) -> int:
@@ -97,54 +119,133 @@ class StepDetector(nn.Module):
     def forward(
         self, features: torch.Tensor, state: torch.Tensor, phase: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        scores, offsets, valid, phase_out, io = self._run(features, state, phase)
-        return scores, offsets, valid, io.output(), phase_out
+        scores, offsets, valid, phase_out, call = self._run(features, state, phase)
+        return scores, offsets, valid, call.io.output(), phase_out
+
+    # -- static gather indices of the packed head ---------------------------------------------------
+
+    def _index(self, key: str, values: list[int]) -> None:
+        self.register_buffer(f"_i_{key}", torch.tensor(values, dtype=torch.long), persistent=False)
+
+    def _idx(self, key: str) -> torch.Tensor:
+        return getattr(self, f"_i_{key}")
+
+    def _build_indices(self) -> None:
+        """Positions in ext = [level 0's keep cached inputs, ..., level L-1's; the N new ones]."""
+        cfg, big_l, n_all = self.cfg, self.levels, sum(self.n)
+
+        def ext_pos(lvl: int, keep: int, e: int) -> int:  # e-th entry of level lvl's [cache; new]
+            return lvl * keep + e if e < keep else big_l * keep + self.starts[lvl] + e - keep
+
+        keeps = {cfg.head_kernel - 1}
+        if cfg.sta:
+            keeps |= {cfg.sta_window - 1, cfg.sta_kernel - 1}
+        self.head_keeps = sorted(k for k in keeps if k > 0)
+        for keep in self.head_keeps:
+            self._index(f"hist{keep}", [ext_pos(lvl, keep, n + m) for lvl, n in enumerate(self.n) for m in range(keep)])
+            k = keep + 1
+            for i in range(k):
+                taps = [ext_pos(lvl, keep, i + j) for lvl, n in enumerate(self.n) for j in range(n)]
+                self._index(f"tap{k}_{keep}_{i}", taps)
+        if cfg.sta and cfg.sta_window > 1:
+            w = cfg.sta_window
+            self._index(
+                f"win{w}",
+                [ext_pos(lvl, w - 1, j + i) for lvl, n in enumerate(self.n) for j in range(n) for i in range(w)],
+            )
+        # Fine -> coarse: coarse j takes fine 2j+1 (index n_all: a zero column for level 0).
+        from_fine = [n_all] * self.n[0]
+        for lvl in range(1, big_l):
+            a = self.starts[lvl - 1]
+            from_fine += [a + 2 * j + 1 for j in range(self.n[lvl])] if self.n[lvl - 1] >= 2 else [a]
+        self._index("from_fine", from_fine)
+        # Coarse -> fine on ext_c = [last coarse output of levels 1..L-1; N new coarse outputs; zero].
+        new_col = big_l - 1
+        up_new, up_old = [], []
+        for lvl, n in enumerate(self.n):
+            if lvl == big_l - 1:
+                up_new += [new_col + n_all] * n
+                up_old += [new_col + n_all] * n
+                continue
+            cached, first = lvl, new_col + self.starts[lvl + 1]
+            if n >= 2:  # fine i reads cached (i=0) or new coarse (i+1)//2-1
+                cols = [cached] + [first + (i + 1) // 2 - 1 for i in range(1, n)]
+                up_new += cols
+                up_old += cols
+            else:  # fine i=2j+1 reads coarse j (new in this chunk), i=2j reads the cached j-1
+                up_new.append(first)
+                up_old.append(cached)
+        self._index("from_coarse", up_new)
+        self._index("from_coarse_old", up_old)
+        self._index("coarse_last", [new_col + self.starts[m] + self.n[m] - 1 for m in range(1, big_l)])
+        self._index("level_of_slot", [lvl for lvl, n in enumerate(self.n) for _ in range(n)])
+
+    def _masks(self, valid: list[Valid], batch: int, device: torch.device) -> dict[str, torch.Tensor | None]:
+        """Per-stream keep-new masks for the packed head's cached columns (None: all always new)."""
+        masks: dict[str, torch.Tensor | None] = {}
+        if all(v is None for v in valid):
+            for keep in self.head_keeps:
+                masks[f"hist{keep}"] = None
+            masks["coarse_new"] = masks["coarse_last"] = None
+            return masks
+        ones = torch.ones(batch, device=device, dtype=torch.bool)
+        cols = [ones if v is None else v for v in valid]
+        for keep in self.head_keeps:
+            masks[f"hist{keep}"] = torch.stack([c for c in cols for _ in range(keep)], dim=1).unsqueeze(1)
+        # Position of level l with one slot whose coarse level is phase dependent: new coarse iff valid.
+        top = self.levels - 1
+        coarse_new = [cols[lvl + 1] if lvl < top and n == 1 else ones for lvl, n in enumerate(self.n) for _ in range(n)]
+        masks["coarse_new"] = torch.stack(coarse_new, dim=1).unsqueeze(1)
+        masks["coarse_last"] = torch.stack(cols[1:], dim=1).unsqueeze(1)
+        return masks
 
     # -- the chunk computation ---------------------------------------------------------------------
 
     def _run(self, features: torch.Tensor, state: torch.Tensor | None, phase: torch.Tensor):
         cfg, h = self.cfg, self.chunk_steps
         batch = features.shape[0]
-        io = _StateIO(state, batch, features)
         # Level l completes a position in this chunk iff (steps consumed after it) % s == 0.
         end = phase.view(-1) + h
         valid: list[Valid] = [None if s <= h else torch.remainder(end, s) == 0 for s in cfg.strides]
+        call = _Call(_StateIO(state, batch, features), valid, self._masks(valid, batch, features.device))
         det = self.det
         x = ((features - det.feat_mean) / det.feat_std).transpose(1, 2)  # (B, D, H)
-        feats = self._encoder(io, x, valid)
-        cls = self._head(io, "cls", det.cls_head, feats, valid)
-        reg = self._head(io, "reg", det.reg_head, feats, valid)
-        scores = torch.cat([torch.sigmoid(c) for c in cls], dim=2).transpose(1, 2)
-        dists = [torch.relu(sc(o)) * float(s) for sc, o, s in zip(det.reg_head.scales, reg, cfg.strides, strict=True)]
-        offsets = torch.cat(dists, dim=2).transpose(1, 2)
-        flags = [
-            torch.ones(batch, n, dtype=torch.bool, device=features.device)
-            if v is None
-            else v.view(-1, 1).expand(batch, n)
-            for v, n in zip(valid, self.n, strict=True)
-        ]
+        packed = torch.cat(self._encoder(call, x), dim=-1)  # (B, C, N): levels in slot order
+        cls = self._head(call, "cls", det.cls_head, packed)
+        reg = self._head(call, "reg", det.reg_head, packed)
+        scale = torch.stack([s.scale * float(st) for s, st in zip(det.reg_head.scales, cfg.strides, strict=True)])
+        scores = torch.sigmoid(cls).transpose(1, 2)
+        # ReLU(scale_l * o) * s_l == ReLU(o * scale_l * s_l) since s_l > 0.
+        offsets = torch.relu(reg * torch.index_select(scale, 0, self._i_level_of_slot)).transpose(1, 2)
+        always = torch.ones(batch, 1, dtype=torch.bool, device=features.device)
+        flags = [(always if v is None else v.view(-1, 1)).expand(batch, n) for v, n in zip(valid, self.n, strict=True)]
         phase_out = torch.remainder(phase + h, cfg.max_stride)
-        return scores, offsets, torch.cat(flags, dim=1), phase_out, io
+        return scores, offsets, torch.cat(flags, dim=1), phase_out, call
+
+    # -- encoder: per level (each level has its own weights) ----------------------------------------
 
     @staticmethod
-    def _extend(io: _StateIO, name: str, level: int, x: torch.Tensor, keep: int, valid: Valid) -> torch.Tensor:
+    def _extend(call: _Call, name: str, level: int, x: torch.Tensor, keep: int) -> torch.Tensor:
         """[last ``keep`` inputs of this op; x]: the op's past-only view; caches the new tail."""
         if keep <= 0:
             return x
-        old = io.read(name, level, (x.shape[1], keep))
+        old = call.io.read(name, level, (x.shape[1], keep))
         ext = torch.cat([old, x], dim=-1)
-        io.write(name, ext[..., -keep:], old, valid)
+        call.io.write(name, ext[..., -keep:], old, _stream_mask(call.valid[level]))
         return ext
 
-    @staticmethod
-    def _dfa(m: DFAConv, ext: torch.Tensor, n: int) -> torch.Tensor:
-        """DFAConv.forward on the last n positions of ext, which holds the k-1 inputs before them.
+    @classmethod
+    def _dfa(cls, m: DFAConv, ext: torch.Tensor, n: int) -> torch.Tensor:
+        """DFAConv.forward on the last n positions of ext, which holds the k-1 inputs before them."""
+        ext = ext[..., ext.shape[-1] - (m.k - 1 + n) :]
+        return cls._dfa_taps(m, [ext[..., i : i + n] for i in range(m.k)])
 
-        Same sums as DFAConv, unrolled over the k taps: on a few positions ONNX Runtime's ReduceSum
-        over the tap axis costs more than the whole chunk's arithmetic."""
+    @staticmethod
+    def _dfa_taps(m: DFAConv, taps: list[torch.Tensor]) -> torch.Tensor:
+        """DFAConv.forward given its k taps (tap k-1 = the current input). Same sums, unrolled over
+        the taps: on a few positions ONNX Runtime's ReduceSum over a tap axis costs more than the rest."""
         k = m.k
-        ext = ext[..., ext.shape[-1] - (k - 1 + n) :]
-        taps = [ext[..., i : i + n] for i in range(k)]
+        b, c, n = taps[0].shape
         g_pre = m.gate_bias
         for i, tap in enumerate(taps):
             g_pre = g_pre + tap * m.gate_weight[:, :, i]
@@ -158,83 +259,81 @@ class StepDetector(nn.Module):
             y = acc * g_c + m.agg_bias
         else:
             modulated = torch.stack([tap * g_k[:, i : i + 1] for i, tap in enumerate(taps)], dim=2) * g_c.unsqueeze(2)
-            y = m.agg(modulated.reshape(ext.shape[0], ext.shape[1] * k, n))
+            y = m.agg(modulated.reshape(b, c * k, n))
         return m.norm(y)
 
     @staticmethod
     def _tail(ext: torch.Tensor, keep: int, n: int) -> torch.Tensor:
         return ext[..., ext.shape[-1] - (keep + n) :]
 
-    def _dyne(self, io: _StateIO, name: str, level: int, layer: DynELayer, x: torch.Tensor, valid: Valid):
+    def _dyne(self, call: _Call, name: str, level: int, layer: DynELayer, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[-1]
         u = layer.norm(x)
         window = layer.inst_mean.window
         keep = max(window - 1, layer.dfa_w.k - 1, layer.dfa_wide.k - 1, 0)
-        ext = self._extend(io, f"{name}.u", level, u, keep, valid)
+        ext = self._extend(call, f"{name}.u", level, u, keep)
         mean = F.avg_pool1d(self._tail(ext, window - 1, n), window, stride=1) if window > 1 else u
         inst = self._dfa(layer.inst_dfa, u, n) * torch.relu(layer.inst_fc(mean))
         multi = self._dfa(layer.dfa_w, ext, n) + self._dfa(layer.dfa_wide, ext, n)
         x = x + inst + multi
         return x + layer.ffn(layer.ffn_norm(x))
 
-    def _encoder(self, io: _StateIO, x: torch.Tensor, valid: list[Valid]) -> list[torch.Tensor]:
+    def _encoder(self, call: _Call, x: torch.Tensor) -> list[torch.Tensor]:
         enc, cfg = self.det.encoder, self.cfg
         for i, (conv, norm) in enumerate(zip(enc.embed.convs, enc.embed.norms, strict=True)):
-            ext = self._extend(io, f"enc.embed{i}.x", 0, x, conv.k - 1, None)
+            ext = self._extend(call, f"enc.embed{i}.x", 0, x, conv.k - 1)
             x = torch.relu(norm(conv.conv(ext)))
         for i, layer in enumerate(enc.stem):
-            x = self._dyne(io, f"enc.stem{i}", 0, layer, x, None)
+            x = self._dyne(call, f"enc.stem{i}", 0, layer, x)
         levels = [x]
         for lvl, layer in enumerate(enc.branch, start=1):
             if self.n[lvl - 1] >= 2:  # both inputs of every pair arrive in this chunk
                 x = F.max_pool1d(x, 2, stride=2)
             else:  # one fine position per chunk: pair it with the cached even one
-                pending = io.read(f"enc.L{lvl}.pending", lvl, (cfg.channels, 1))
-                io.write(f"enc.L{lvl}.pending", x, pending, valid[lvl - 1])
+                pending = call.io.read(f"enc.L{lvl}.pending", lvl, (cfg.channels, 1))
+                call.io.write(f"enc.L{lvl}.pending", x, pending, _stream_mask(call.valid[lvl - 1]))
                 x = torch.maximum(pending, x)
-            x = self._dyne(io, f"enc.L{lvl}", lvl, layer, x, valid[lvl])
+            x = self._dyne(call, f"enc.L{lvl}", lvl, layer, x)
             levels.append(x)
         return [norm(f) for norm, f in zip(enc.level_norms, levels, strict=True)]
 
     # -- heads: all levels packed on one position axis (weights are shared across levels) ---------
 
-    def _hist(self, io: _StateIO, name: str, x: torch.Tensor, keep: int) -> torch.Tensor:
+    def _hist(self, call: _Call, name: str, x: torch.Tensor, keep: int) -> torch.Tensor:
         """ext = [every level's last ``keep`` inputs; x (B, C, N)]: taps are static gathers from it."""
-        old = io.read(name, -1, (x.shape[1], self.levels * keep))
+        old = call.io.read(name, -1, (x.shape[1], self.levels * keep))
         ext = torch.cat([old, x], dim=-1)
-        io.write(name, torch.index_select(ext, 2, self._idx(f"hist{keep}")), old, self._hist_mask(keep))
+        call.io.write(name, torch.index_select(ext, 2, self._idx(f"hist{keep}")), old, call.masks[f"hist{keep}"])
         return ext
-
-    def _idx(self, key: str) -> torch.Tensor:
-        return getattr(self, f"_i_{key}")
 
     def _taps(self, ext: torch.Tensor, k: int, keep: int) -> list[torch.Tensor]:
         return [torch.index_select(ext, 2, self._idx(f"tap{k}_{keep}_{i}")) for i in range(k)]
 
-    def _msdy(self, io: _StateIO, name: str, layer: MSDyLayer, x: torch.Tensor) -> torch.Tensor:
+    def _msdy(self, call: _Call, name: str, layer: MSDyLayer, x: torch.Tensor) -> torch.Tensor:
         keep = layer.from_fine.k - 1
-        ext = self._hist(io, f"{name}.x", x, keep)
+        ext = self._hist(call, f"{name}.x", x, keep)
         taps = self._taps(ext, layer.from_fine.k, keep)
         fine = self._dfa_taps(layer.from_fine, taps)
         coarse = self._dfa_taps(layer.from_coarse, taps)
         # Coarse j takes fine 2j+1, the newest of its pair (level 0 reads the zero column).
         nb = torch.index_select(torch.cat([fine, torch.zeros_like(fine[..., :1])], dim=-1), 2, self._i_from_fine)
         # Fine i takes coarse floor((i+1)/2)-1, the newest complete one: cached, or new in this chunk.
-        last = io.read(f"{name}.coarse_last", -1, (x.shape[1], self.levels - 1))
+        last = call.io.read(f"{name}.coarse_last", -1, (x.shape[1], self.levels - 1))
         ext_c = torch.cat([last, coarse, torch.zeros_like(coarse[..., :1])], dim=-1)
         up = torch.index_select(ext_c, 2, self._i_from_coarse)
-        if self._coarse_mask is not None:
-            up = torch.where(self._coarse_mask, up, torch.index_select(ext_c, 2, self._i_from_coarse_old))
-        io.write(f"{name}.coarse_last", torch.index_select(ext_c, 2, self._i_coarse_last), last, self._last_mask)
+        if call.masks["coarse_new"] is not None:
+            up = torch.where(call.masks["coarse_new"], up, torch.index_select(ext_c, 2, self._i_from_coarse_old))
+        newest = torch.index_select(ext_c, 2, self._i_coarse_last)
+        call.io.write(f"{name}.coarse_last", newest, last, call.masks["coarse_last"])
         fused = layer.beta * x + layer.alpha * (nb + up)
         k = layer.depth.k
-        ext = self._hist(io, f"{name}.fused", fused, k - 1)
+        ext = self._hist(call, f"{name}.fused", fused, k - 1)
         return torch.relu(self._dfa_taps(layer.depth, self._taps(ext, k, k - 1)))
 
-    def _sta(self, io: _StateIO, name: str, sta: SpatialTemporalAttention, x: torch.Tensor) -> torch.Tensor:
+    def _sta(self, call: _Call, name: str, sta: SpatialTemporalAttention, x: torch.Tensor) -> torch.Tensor:
         window = sta.avg.window
         if window > 1:
-            ext = self._hist(io, f"{name}.x", x, window - 1)
+            ext = self._hist(call, f"{name}.x", x, window - 1)
             b, c, n = x.shape
             win = torch.index_select(ext, 2, self._idx(f"win{window}")).reshape(b, c, n, window)
             avg, mx = win.mean(dim=-1), win.amax(dim=-1)
@@ -243,24 +342,24 @@ class StepDetector(nn.Module):
         a_c = torch.sigmoid(sta.mlp(avg) + sta.mlp(mx))
         x_c = x * (1 + a_c) if sta.residual else x * a_c
         pooled = torch.cat([x_c.mean(dim=1, keepdim=True), x_c.amax(dim=1, keepdim=True)], dim=1)
-        gate = torch.sigmoid(self._conv_taps(io, f"{name}.pooled", sta.time_conv.conv, pooled))
+        gate = torch.sigmoid(self._conv_taps(call, f"{name}.pooled", sta.time_conv.conv, pooled))
         return x_c * (1 + gate) if sta.residual else x_c * gate
 
-    def _conv_taps(self, io: _StateIO, name: str, conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
+    def _conv_taps(self, call: _Call, name: str, conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
         """A causal Conv1d of kernel k as one 1x1 conv over the k stacked taps (tap-major channels)."""
         k = conv.kernel_size[0]
         if k == 1:
             return conv(x)
-        taps = self._taps(self._hist(io, name, x, k - 1), k, k - 1)
+        taps = self._taps(self._hist(call, name, x, k - 1), k, k - 1)
         weight = conv.weight.permute(0, 2, 1).reshape(conv.out_channels, -1, 1)
         return F.conv1d(torch.cat(taps, dim=1), weight, conv.bias)
 
-    def _head(self, io: _StateIO, name: str, head: DetectionHead, x: torch.Tensor) -> torch.Tensor:
+    def _head(self, call: _Call, name: str, head: DetectionHead, x: torch.Tensor) -> torch.Tensor:
         for j, layer in enumerate(head.layers):
-            x = self._msdy(io, f"head.{name}.layer{j}", layer, x)
+            x = self._msdy(call, f"head.{name}.layer{j}", layer, x)
         if head.sta is not None:
-            x = self._sta(io, f"head.{name}.sta", head.sta, x)
-        return self._conv_taps(io, f"head.{name}.pred", head.pred.conv, x)
+            x = self._sta(call, f"head.{name}.sta", head.sta, x)
+        return self._conv_taps(call, f"head.{name}.pred", head.pred.conv, x)
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -239,3 +240,19 @@ def test_env_example_names_real_settings() -> None:
     for name in names:
         key = name.removeprefix("MGSTREAM_")
         assert key in fields or key.startswith("TRAIN_"), f"{name} is not a setting"
+
+
+def test_train_script_calls_real_cli_options() -> None:
+    """docker/train.sh (the `train` profile's recipe) stays in step with the `mgstream` CLI."""
+    script = REPO / "docker" / "train.sh"
+    assert subprocess.run(["sh", "-n", str(script)]).returncode == 0
+    calls = re.findall(r"^\s*mgstream (\w+)(.*)$", script.read_text(), re.MULTILINE)
+    assert {command for command, _ in calls} == {"synth", "train", "export"}
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+    for command, args in calls:
+        shown = subprocess.run(
+            [sys.executable, "-m", "service.cli", command, "--help"], capture_output=True, text=True, env=env, cwd=REPO
+        )
+        assert shown.returncode == 0, shown.stderr
+        for option in re.findall(r"(--[a-z][a-z-]*)", args):
+            assert option in shown.stdout, f"mgstream {command} has no {option}"
