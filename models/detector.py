@@ -70,7 +70,8 @@ class Detector(nn.Module):
 
     @classmethod
     def from_config(cls, data: dict) -> Detector:
-        return cls(ModelConfig.from_dict(data))
+        """Build from a ModelConfig dict, e.g. a model card's ``architecture`` (its "type" key is ignored)."""
+        return cls(ModelConfig.from_dict({k: v for k, v in data.items() if k != "type"}))
 
     def set_feature_stats(self, mean: np.ndarray, std: np.ndarray) -> None:
         self.feat_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))

@@ -142,3 +142,49 @@ def export_checkpoint(ckpt: Checkpoint, path: str | Path, name: str, version: st
     card = build_card(ckpt.model, ckpt.postprocess, ckpt.meta, name=name, version=version)
     export_onnx(ckpt.model, path, card)
     return card, parity_check(ckpt.model, path)
+
+
+def update_card(path: str | Path, **changes) -> ModelCard:
+    """Rewrite fields of the card stored in an exported ONNX file (e.g. held-out metrics)."""
+    from dataclasses import replace
+
+    import onnx
+
+    proto = onnx.load_model(str(path))
+    props = {p.key: p.value for p in proto.metadata_props}
+    card = replace(ModelCard.from_metadata(props), **changes)
+    for entry in proto.metadata_props:
+        if entry.key in card.to_metadata():
+            entry.value = card.to_metadata()[entry.key]
+    onnx.save_model(proto, str(path))
+    return card
+
+
+def detector_from_onnx(path: str | Path, check: bool = True) -> tuple[Detector, ModelCard]:
+    """Rebuild the torch Detector of an exported window model from its card and initializers.
+
+    Lets a fresh clone derive further exports (e.g. the step model) from the shipped ONNX alone,
+    with exactly its weights. The exporter merges initializers with identical values; in a trained
+    model the only such pair is ``dfa_w.agg_bias`` / ``dfa_wide.agg_bias`` of a DynE layer (both
+    biases are summed, so they always receive the same gradient), which is restored from its
+    sibling. ``check`` verifies torch against onnxruntime on random input (1e-4).
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load_model(str(path))
+    card = ModelCard.from_metadata({p.key: p.value for p in proto.metadata_props})
+    model = Detector.from_config(card.architecture).eval()
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    state = {}
+    for key, ref in model.state_dict().items():
+        value = inits.get(f"model.{key}")
+        if value is None and key.endswith("dfa_wide.agg_bias"):
+            value = inits.get(f"model.{key.replace('dfa_wide.agg_bias', 'dfa_w.agg_bias')}")
+        if value is None:
+            raise ValueError(f"{path}: weight {key} not found among the ONNX initializers")
+        state[key] = torch.from_numpy(np.array(value, dtype=np.float32)).reshape(ref.shape)
+    model.load_state_dict(state)
+    if check:
+        parity_check(model, path)
+    return model, card

@@ -63,7 +63,7 @@ def export_step_onnx(model: Detector, path: str | Path, card: ModelCard, chunk_s
     example = (
         torch.zeros(2, chunk_steps, model.cfg.input_dim),
         torch.zeros(2, step.state_size),
-        torch.zeros(2, 1, dtype=torch.long),
+        torch.zeros(2, 1),
     )
     # The TorchScript exporter: the graph is static apart from the batch axis, and the dynamo
     # exporter takes minutes on this many small ops; onnx.load + checker validate the result.
@@ -107,7 +107,7 @@ def step_parity_check(model: Detector, path: str | Path, chunks: int = 12, batch
     rng = np.random.default_rng(seed)
     h, d = layout.chunk_steps, model.cfg.input_dim
     state = np.zeros((batch, layout.state_size), np.float32)
-    phase = np.zeros((batch, 1), np.int64)
+    phase = np.zeros((batch, 1), np.float32)
     t_state, t_phase = torch.from_numpy(state.copy()), torch.from_numpy(phase.copy())
     worst = 0.0
     for c in range(chunks):

@@ -69,9 +69,7 @@ class DetectionLoss:
             targets = targets * (1 - self.label_smoothing) + self.label_smoothing / (num_classes + 1)
         focal = sigmoid_focal_loss(cls_logits, targets, self.alpha, self.gamma).sum(-1)
         cls_loss = (focal * weight).sum() / self.norm
-        if num_pos:
-            reg_loss = diou_loss_1d(offsets[pos], reg_targets[pos]).sum() / self.norm
-        else:
-            reg_loss = offsets.sum() * 0.0
+        # With no positives the regression term is a zero that still touches the graph.
+        reg_loss = diou_loss_1d(offsets[pos], reg_targets[pos]).sum() / self.norm if num_pos else offsets.sum() * 0.0
         total = cls_loss + self.reg_weight * reg_loss
         return {"loss": total, "cls": cls_loss.detach(), "reg": reg_loss.detach()}

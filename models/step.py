@@ -86,8 +86,11 @@ def _stream_mask(valid: Valid) -> torch.Tensor | None:
 
 
 class StepDetector(nn.Module):
-    """forward(features (B,H,D), state (B,S), phase (B,1) int64)
-    -> scores (B,N,C), offsets (B,N,2) steps, valid (B,N) bool, state_out (B,S), phase_out (B,1)."""
+    """forward(features (B,H,D), state (B,S), phase (B,1))
+    -> scores (B,N,C), offsets (B,N,2) steps, valid (B,N) bool, state_out (B,S), phase_out (B,1).
+
+    Every input is float32 (the phase holds small integers exactly), so a generic batcher can stack
+    a stream's request like any other arrays."""
 
     def __init__(self, detector: Detector, chunk_steps: int = 4) -> None:
         super().__init__()
@@ -106,7 +109,7 @@ class StepDetector(nn.Module):
         self.starts = [sum(self.n[:lvl]) for lvl in range(self.levels)]
         self._build_indices()
         with torch.no_grad():
-            call = self._run(torch.zeros(1, chunk_steps, cfg.input_dim), None, torch.zeros(1, 1, dtype=torch.long))[-1]
+            call = self._run(torch.zeros(1, chunk_steps, cfg.input_dim), None, torch.zeros(1, 1))[-1]
         self.layout = StepLayout(chunk_steps, cfg.strides, tuple(call.io.segments))
 
     @property
@@ -114,7 +117,7 @@ class StepDetector(nn.Module):
         return self.layout.state_size
 
     def initial_state(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.zeros(batch, self.state_size), torch.zeros(batch, 1, dtype=torch.long)
+        return torch.zeros(batch, self.state_size), torch.zeros(batch, 1)
 
     def forward(
         self, features: torch.Tensor, state: torch.Tensor, phase: torch.Tensor

@@ -148,7 +148,8 @@ def load_split(cfg: DataConfig, split: str, feature_dim: int) -> list[Sequence]:
 
 
 def feature_spec_for(cfg: DataConfig, feature_dim: int) -> FeatureSpec:
-    if cfg.format == "smg" and cfg.source in ("auto", "keypoints", "kinect") and feature_dim == DEFAULT_SPEC.feature_dim:
+    from_keypoints = cfg.format == "smg" and cfg.source in ("auto", "keypoints", "kinect")
+    if from_keypoints and feature_dim == DEFAULT_SPEC.feature_dim:
         return DEFAULT_SPEC
     return FeatureSpec(
         name=cfg.feature_name or "external-features",

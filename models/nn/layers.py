@@ -89,7 +89,8 @@ class RunningMax(nn.Module):
 
 
 def geretanh(z: torch.Tensor, tau: float = 1.5) -> torch.Tensor:
-    """DyFADet's sparse gate: 0 for z <= 0, rising to 1; GeReTanH_tau(z) = max(0, (tanh(z-tau)+tanh tau)/(1+tanh tau))."""
+    """DyFADet's sparse gate, 0 for z <= 0 and rising to 1:
+    GeReTanH_tau(z) = max(0, (tanh(z - tau) + tanh tau) / (1 + tanh tau))."""
     t = math.tanh(tau)
     return torch.clamp((torch.tanh(z - tau) + t) / (1.0 + t), min=0.0)
 

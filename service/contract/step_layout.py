@@ -10,8 +10,9 @@ ONNX I/O (every tensor has the batch of streams as its first axis):
 - input ``features`` float32 (B, H, D): the next H feature steps of each stream.
 - input ``state`` float32 (B, S) / output ``state_out``: every time-mixing layer's cache, flattened
   into one vector per stream (segments below); a new stream starts from zeros.
-- input ``phase`` int64 (B, 1) / output ``phase_out``: steps consumed so far, modulo the largest
-  stride; a new stream starts at 0. It says which coarse levels complete in this chunk.
+- input ``phase`` float32 (B, 1) / output ``phase_out``: steps consumed so far, modulo the largest
+  stride (a small integer, exact in float32, so every input stacks as float32); a new stream starts
+  at 0. It says which coarse levels complete in this chunk.
 - output ``scores`` float32 (B, N, C) sigmoid, ``offsets`` float32 (B, N, 2) distances in steps
   from the anchor to start and end (already multiplied by the level stride), ``valid`` bool (B, N).
 
@@ -98,7 +99,7 @@ class StepLayout:
     def states(self) -> tuple[StateTensor, ...]:
         return (
             StateTensor(STATE_INPUT, STATE_OUTPUT, (self.state_size,), "float32"),
-            StateTensor(PHASE_INPUT, PHASE_OUTPUT, (1,), "int64"),
+            StateTensor(PHASE_INPUT, PHASE_OUTPUT, (1,), "float32"),
         )
 
     def slots_per_level(self) -> list[int]:
