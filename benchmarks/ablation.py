@@ -28,7 +28,10 @@ VARIANTS = {
     "+aug": {"sta": False, "aug": True},
     "+STA": {"sta": True, "aug": False},
     "+aug +STA": {"sta": True, "aug": True},
+    # Not in the paper's table: STA with an identity path, y = x * (1 + A).
+    "+STA-residual": {"sta": True, "aug": False, "residual": True},
 }
+PAPER_VARIANTS = ("baseline", "+aug", "+STA", "+aug +STA")
 
 
 def main() -> None:
@@ -41,6 +44,7 @@ def main() -> None:
     ap.add_argument("--channels", type=int, default=64)
     ap.add_argument("--alpha", type=float, default=None, help="augmentation alpha (default: half the largest count)")
     ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--variants", nargs="+", default=list(PAPER_VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/ablation.json"))
     args = ap.parse_args()
 
@@ -68,12 +72,13 @@ def main() -> None:
 
     base = RunConfig.load(Path(__file__).resolve().parent.parent / "models" / "configs" / "default.yaml")
     results: dict[str, dict] = {}
-    for name, v in VARIANTS.items():
+    for name in args.variants:
+        v = VARIANTS[name]
         runs = []
         for seed in range(args.seeds):
             cfg = replace(
                 base,
-                model=replace(base.model, channels=args.channels, sta=v["sta"]),
+                model=replace(base.model, channels=args.channels, sta=v["sta"], sta_residual=v.get("residual", False)),
                 train=replace(
                     base.train,
                     iterations=args.iterations,
@@ -115,10 +120,10 @@ def main() -> None:
     print("\n| variant | test SMG F1 | strict F1 | mAP@0.3:0.7 |\n|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['test_smg_f1']:.4f} | {r['test_strict_f1']:.4f} | {r['test_map']:.4f} |")
-    header = " | ".join(VARIANTS)
-    print(f"\n| class | train n | test n | {header} |\n|---|---|---|" + "---|" * len(VARIANTS))
+    header = " | ".join(args.variants)
+    print(f"\n| class | train n | test n | {header} |\n|---|---|---|" + "---|" * len(args.variants))
     for c in range(1, NUM_CLASSES + 1):
-        cells = " | ".join(f"{results[n]['per_class_f1'][str(c)]:.3f}" for n in VARIANTS)
+        cells = " | ".join(f"{results[n]['per_class_f1'][str(c)]:.3f}" for n in args.variants)
         print(f"| {c} | {counts.get(c, 0)} | {test_counts.get(c, 0)} | {cells} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     setup = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}

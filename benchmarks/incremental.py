@@ -9,7 +9,8 @@ same torch detector (the shipped window exporter, and models/export_step.py), wi
 checkpoint's weights when given, else random weights of the shipped architecture (read from the
 --model card when it exists, else the default ModelConfig): cost depends on the architecture only.
 The step graph does not depend on W (its receptive field is finite); it is timed again next to each
-window so that both see the same machine load. Timings are medians over interleaved rounds.
+window, in rounds that cycle over every (W, batch) cell, so all cells see the same machine load.
+Timings are medians.
 Prints a table and the two acceptance ratios, and writes benchmarks/out/incremental.png.
 """
 
@@ -86,18 +87,24 @@ def _time_once(sess, feeds: dict) -> float:
     return time.perf_counter() - t0
 
 
-def measure(window_sess, step_sess, window_feeds, step_feeds, budget_s: float) -> tuple[float, float]:
-    """Median seconds per call of each model, timed in alternating rounds (shared machine)."""
-    for _ in range(2):
-        window_sess.run(None, window_feeds)
-        step_sess.run(None, step_feeds)
-    win, step = [], []
+def measure(cells: dict, step_sess, step_feeds: dict, budget_s: float) -> dict:
+    """Median seconds per call for every (W, batch) cell: window and step timed in interleaved rounds
+    over all cells, so drifting load on the shared machine hits every cell alike.
+
+    cells: (W, batch) -> (window session, window feeds); step_feeds: batch -> step feeds."""
+    for (_, b), (sess, feeds) in cells.items():
+        for _ in range(2):
+            sess.run(None, feeds)
+            step_sess.run(None, step_feeds[b])
+    win: dict = {key: [] for key in cells}
+    step: dict = {key: [] for key in cells}
     start = time.perf_counter()
-    while len(win) < 5 or (time.perf_counter() - start < budget_s and len(win) < 200):
-        win.append(_time_once(window_sess, window_feeds))
-        for _ in range(3):  # the step call is short: more samples for the same wall time
-            step.append(_time_once(step_sess, step_feeds))
-    return statistics.median(win), statistics.median(step)
+    while min(len(v) for v in win.values()) < 5 or time.perf_counter() - start < budget_s * len(cells):
+        for key, (sess, feeds) in cells.items():
+            win[key].append(_time_once(sess, feeds))
+            for _ in range(3):  # the step call is short: more samples for the same wall time
+                step[key].append(_time_once(step_sess, step_feeds[key[1]]))
+    return {key: (statistics.median(win[key]), statistics.median(step[key])) for key in cells}
 
 
 def main() -> None:
@@ -126,15 +133,17 @@ def main() -> None:
     print(f"model: {source}; channels {cfg.channels}, strides {list(cfg.strides)}, chunk H={args.chunk}")
     print(f"machine: {os.cpu_count()} logical CPUs, onnxruntime intra-op threads {args.threads}")
     rng = np.random.default_rng(0)
-    results: dict[tuple[int, int], tuple[float, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         card = build_card(det, PostProcess(), {}, name="bench")
         step_path = export_step_onnx(det, Path(tmp) / "m.step.onnx", card, args.chunk)
         step_sess = _session(step_path, args.threads)
         layout = StepLayout.from_dict(StepDetector(det, args.chunk).layout.to_dict())
-        print(f"step state: {layout.state_size} floats ({layout.state_size * 4 / 1024:.1f} KiB) per stream, "
-              f"{layout.num_slots} output slots per chunk")
+        print(
+            f"step state: {layout.state_size} floats ({layout.state_size * 4 / 1024:.1f} KiB) per stream, "
+            f"{layout.num_slots} output slots per chunk"
+        )
         step_feeds = {b: StepFeeds(step_sess, layout, b, cfg.input_dim, rng).feeds for b in args.batches}
+        cells = {}
         for w in args.windows:
             t0 = time.perf_counter()
             wdet = _with_window(det, w)
@@ -142,9 +151,9 @@ def main() -> None:
             wsess = _session(wpath, args.threads)
             print(f"  exported window W={w} in {time.perf_counter() - t0:.0f} s", flush=True)
             for b in args.batches:
-                x = rng.normal(size=(b, w, cfg.input_dim)).astype(np.float32)
-                results[(w, b)] = measure(wsess, step_sess, {"features": x}, step_feeds[b], args.budget)
-            del wsess
+                cells[(w, b)] = (wsess, {"features": rng.normal(size=(b, w, cfg.input_dim)).astype(np.float32)})
+        print(f"  timing {len(cells)} cells, interleaved, ~{args.budget * len(cells):.0f} s", flush=True)
+        results = measure(cells, step_sess, step_feeds, args.budget)
 
     print(f"\nper stream per hop (H={args.chunk}): median ms; ratio = window / step")
     print(f"{'W':>5} {'batch':>5} {'window ms':>10} {'step ms':>9} {'ratio':>7}")

@@ -81,9 +81,7 @@ class Detector(nn.Module):
         if features.dim() != 3:
             raise ValueError(f"features must be (B, T, D), got shape {tuple(features.shape)}")
         if features.shape[-1] != self.cfg.input_dim:
-            raise ValueError(
-                f"features have dim {features.shape[-1]} but the model expects {self.cfg.input_dim}"
-            )
+            raise ValueError(f"features have dim {features.shape[-1]} but the model expects {self.cfg.input_dim}")
         t = features.shape[1]
         if t == 0 or t % self.cfg.max_stride:
             raise ValueError(f"T={t} must be a positive multiple of the largest stride {self.cfg.max_stride}")

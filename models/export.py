@@ -130,9 +130,7 @@ def parity_check(model: Detector, path: str | Path, batch: int = 3, seed: int = 
         ref_scores, ref_offsets = model.eval().predict(torch.from_numpy(x))
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     scores, offsets = sess.run([SCORES_OUTPUT, OFFSETS_OUTPUT], {WINDOW_INPUT: x})
-    diff = max(
-        float(np.abs(scores - ref_scores.numpy()).max()), float(np.abs(offsets - ref_offsets.numpy()).max())
-    )
+    diff = max(float(np.abs(scores - ref_scores.numpy()).max()), float(np.abs(offsets - ref_offsets.numpy()).max()))
     if diff > 1e-4:
         raise RuntimeError(f"ONNX parity check failed: max abs diff {diff:.2e} > 1e-4 ({path})")
     return diff

@@ -6,8 +6,11 @@ the segment map of the flat state vector. Batch is dynamic, the chunk size H is 
 
 Reproducible export of the shipped pair from the trained checkpoint::
 
-    mgstream export <checkpoint.pt> models/default/mgstream-default.onnx   # window model (trainer)
-    python -m models.export_step <checkpoint.pt> models/default/mgstream-default.step.onnx --chunk 4
+    mgstream export runs/default/best.pt --out models/default/mgstream-default.onnx   # window model
+    python -m models.export_step runs/default/best.pt models/default/mgstream-default.step.onnx --chunk 4
+
+The step export reuses the card of the window ONNX beside it (name, version, metrics, post-processing)
+when that was exported from the same architecture, and adds the ``step_model`` layout.
 """
 
 from __future__ import annotations
@@ -139,13 +142,40 @@ def step_parity_check(model: Detector, path: str | Path, chunks: int = 12, batch
 
 
 def export_step_checkpoint(
-    ckpt: Checkpoint, path: str | Path, name: str, version: str, chunk_steps: int = DEFAULT_CHUNK
+    ckpt: Checkpoint,
+    path: str | Path,
+    name: str,
+    version: str,
+    chunk_steps: int = DEFAULT_CHUNK,
+    window_card: ModelCard | None = None,
 ) -> tuple[ModelCard, float]:
+    """Export and parity-check. With ``window_card`` (the card of the window ONNX exported from the same
+    checkpoint) the step model carries that card, metrics included, plus its ``step_model`` layout."""
     from models.export import build_card
 
     card = build_card(ckpt.model, ckpt.postprocess, ckpt.meta, name=name, version=version)
+    if window_card is not None:
+        if window_card.architecture != card.architecture:
+            raise ValueError("the window model beside the output was not exported from this checkpoint's architecture")
+        card = window_card
     export_step_onnx(ckpt.model, path, card, chunk_steps)
     return ModelCard.from_metadata(_metadata(path)), step_parity_check(ckpt.model, path)
+
+
+def check_same_weights(model: Detector, window_path: str | Path, tol: float = 1e-4) -> float:
+    """Max |window ONNX - torch| on a random window: proves the window model beside the step export
+    comes from the same weights (same architecture is not enough)."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(window_path), providers=["CPUExecutionProvider"])
+    w = sess.get_inputs()[0].shape[1]
+    x = np.random.default_rng(0).normal(size=(2, w, model.cfg.input_dim)).astype(np.float32)
+    with torch.no_grad():
+        ref = model.eval().predict(torch.from_numpy(x))[0].numpy()
+    diff = float(np.abs(sess.run([SCORES_OUTPUT], {FEATURES_INPUT: x})[0] - ref).max())
+    if diff > tol:
+        raise ValueError(f"{window_path} was not exported from these weights (max score diff {diff:.2e})")
+    return diff
 
 
 def _metadata(path: str | Path) -> dict[str, str]:
@@ -160,17 +190,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("output", type=Path, help="e.g. models/default/mgstream-default.step.onnx")
     parser.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="steps per call (power of two)")
-    parser.add_argument("--name", default=None, help="card name (default: the window model's, if found)")
-    parser.add_argument("--version", default="0.1.0")
+    parser.add_argument("--name", default=None, help="card name (default: the window model's beside it)")
+    parser.add_argument("--version", default=None, help="card version (default: the window model's beside it)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # hundreds of tiny ops per chunk: extra threads only add synchronisation
     ckpt = load_checkpoint(args.checkpoint)
-    name, version = args.name, args.version
     window = args.output.with_name(args.output.name.replace(".step.onnx", ".onnx"))
-    if name is None and window.is_file() and window != args.output:
-        # Same name/version as the window model beside it, so the pair reads as one model.
-        card = ModelCard.from_metadata(_metadata(window))
-        name, version = card.name, card.version
-    card, diff = export_step_checkpoint(ckpt, args.output, name or "mgstream-detector", version, args.chunk)
+    window_card = None
+    if window.is_file() and window != args.output:
+        window_card = ModelCard.from_metadata(_metadata(window))
+        check_same_weights(ckpt.model, window)
+    name = args.name or (window_card.name if window_card else ckpt.meta.get("name", "mgstream-detector"))
+    version = args.version or (window_card.version if window_card else ckpt.meta.get("version", "0.1.0"))
+    card, diff = export_step_checkpoint(ckpt, args.output, name, version, args.chunk, window_card)
     layout = card.step_model or {}
     print(
         f"wrote {args.output}: chunk {layout.get('chunk_steps')}, state {layout.get('state_size')} floats "

@@ -35,10 +35,6 @@ class TuneResult:
     table: list[dict] = field(default_factory=list)  # every setting tried, with its F1
 
 
-def ground_truth_rows(gt: dict[str, list]) -> dict[str, list]:
-    return gt
-
-
 def best_threshold(
     outputs: list[SequenceOutputs],
     ground_truth: dict[str, list],

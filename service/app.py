@@ -6,7 +6,8 @@ bucket on the inference thread, start the session registry, and only then report
 Shutdown: stop admitting, close every stream with 1001, drain the scheduler, release everything.
 
 Shared objects live on ``app.state``, one place for every router (batch jobs included):
-``settings``, ``metrics``, ``runtime``, ``scheduler``, ``registry``, ``featurizer_pool``,
+``settings``, ``metrics``, ``runtime``, ``scheduler``, ``step_runtime`` and ``step_scheduler`` (step
+mode, when the window model has a ``.step.onnx`` beside it), ``registry``, ``featurizer_pool``,
 ``clip_batcher``, ``serving`` (window, hop, input kinds), ``ready``, ``shutting_down``,
 ``runtime_dead``, ``jobs`` (set by the batch-jobs wiring) and ``request_exit`` (how a dead runtime
 ends the process; the CLI points it at uvicorn, the default sends SIGTERM to this process).
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -54,18 +56,53 @@ def _load_runtime(settings: Settings) -> ModelRuntime:
     return load_runtime(settings)
 
 
-def resolve_serving(card: ModelCard, settings: Settings, input_kinds: tuple[str, ...]) -> ServingInfo:
-    """Window and hop from settings or the card; a window model's window is fixed by its export."""
+def load_step_runtime_for(runtime: ModelRuntime, settings: Settings) -> ModelRuntime | None:
+    """The step model beside the window model (``x.onnx`` -> ``x.step.onnx``) per ``settings.mode``:
+    never for ``window``, required for ``step``, used when present for ``auto``. Its card must equal the
+    window model's apart from ``step_model`` (models/export_step.py copies it), so a step file left
+    over from an earlier export is never served with a newer window model."""
+    from service.runtime.step_runtime import load_step_runtime
+
+    path = getattr(runtime, "path", None)
+    if settings.mode == "window" or (path is None and settings.mode == "auto"):
+        return None
+    step = load_step_runtime(settings, path)
+    if step is None:
+        return None
+    if dataclasses.replace(step.card, step_model=None) != runtime.card:
+        step.close()
+        problem = f"step model {step.path} was not exported with the window model beside it (cards differ)"
+        if settings.mode == "step":
+            raise ModelCardError(problem + "; re-export it with models/export_step.py")
+        log.warning("%s; serving in window mode", problem)
+        return None
+    log.info(
+        "step model loaded: chunk %d steps, %d floats of state per stream",
+        step.layout.chunk_steps,
+        step.layout.state_size,
+    )
+    return step
+
+
+def resolve_serving(
+    card: ModelCard, settings: Settings, input_kinds: tuple[str, ...], step_chunk: int | None = None
+) -> ServingInfo:
+    """Window and hop from settings or the card; a window model's window is fixed by its export.
+    ``step_chunk``: the chunk of the loaded step model (step mode), whose multiple the hop must be."""
     if settings.window_steps is not None and settings.window_steps != card.window_steps:
         raise ModelCardError(
             f"window_steps={settings.window_steps} but the model was exported with a fixed window of "
             f"{card.window_steps} steps"
         )
-    if settings.mode == "step":
-        raise ModelCardError("mode=step needs a step-model export, which this server does not load yet")
+    if settings.mode == "step" and step_chunk is None:
+        raise ModelCardError("mode=step needs a step-model export (<model>.step.onnx) beside the window model")
     hop = settings.hop_steps or int(card.architecture.get("hop_steps") or DEFAULT_HOP_STEPS)
     if hop > card.window_steps:
         raise ModelCardError(f"hop_steps={hop} exceeds the window of {card.window_steps} steps")
+    if step_chunk is not None:
+        if hop % step_chunk:
+            raise ModelCardError(f"hop_steps={hop} must be a multiple of the step model's chunk of {step_chunk}")
+        return ServingInfo(card.window_steps, hop, input_kinds, mode="step")
     return ServingInfo(window_steps=card.window_steps, hop_steps=hop, input_kinds=input_kinds)
 
 
@@ -98,7 +135,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
         state.clip_batcher = await loop.run_in_executor(None, create_clip_batcher, settings, card.feature.feature_dim)
     kinds = await loop.run_in_executor(None, supported_inputs, card, settings, state.clip_batcher)
-    state.serving = resolve_serving(card, settings, kinds)
+    state.step_runtime = await loop.run_in_executor(None, load_step_runtime_for, state.runtime, settings)
+    step_chunk = state.step_runtime.layout.chunk_steps if state.step_runtime else None
+    state.serving = resolve_serving(card, settings, kinds, step_chunk)
     state.scheduler = Scheduler(
         state.runtime,
         max_batch=settings.max_batch,
@@ -109,6 +148,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     state.scheduler.start()
     timings = await state.scheduler.run_blocking(state.runtime.warm_up, state.scheduler.buckets)
+    if state.step_runtime is not None:  # step mode: live streams go through their own scheduler
+        state.step_scheduler = Scheduler(
+            state.step_runtime,
+            max_batch=settings.max_batch,
+            max_wait_ms=settings.max_wait_ms,
+            buckets=list(settings.batch_buckets),
+            metrics=state.metrics,
+            on_dead=lambda reason: _on_dead(app, reason),
+        )
+        state.step_scheduler.start()
+        await state.step_scheduler.run_blocking(state.step_runtime.warm_up, state.step_scheduler.buckets)
     state.featurizer_pool = FeaturizerPool(settings.pose_workers)
     state.registry = SessionRegistry(
         max_sessions=settings.max_sessions,
@@ -126,10 +176,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await start_jobs(app)  # batch jobs: recover interrupted ones, then run through the same scheduler
     state.ready = True
     log.info(
-        "ready: model %s v%s on %s, window %d, hop %d steps, inputs %s, batch buckets %s warmed in %.0f ms",
+        "ready: model %s v%s on %s, %s mode, window %d, hop %d steps, inputs %s, batch buckets %s warmed in %.0f ms",
         card.name,
         card.version,
         state.runtime.provider,
+        state.serving.mode,
         state.serving.window_steps,
         state.serving.hop_steps,
         ",".join(kinds),
@@ -143,6 +194,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await stop_jobs(app)  # running jobs go back to queued and resume on the next start
         await state.registry.stop()
         await state.scheduler.stop()
+        if state.step_scheduler is not None:
+            await state.step_scheduler.stop()
+            state.step_runtime.close()
         state.featurizer_pool.shutdown(wait=False)
         if state.clip_batcher is not None:
             state.clip_batcher.close()
@@ -182,6 +236,8 @@ def create_app(settings: Settings | None = None, *, runtime_factory: RuntimeFact
     state.runtime_factory = runtime_factory or _load_runtime
     state.runtime = None
     state.scheduler = None
+    state.step_runtime = None
+    state.step_scheduler = None
     state.registry = None
     state.featurizer_pool = None
     state.clip_batcher = None

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spinning threads stall on 2 shared cores
+
 import numpy as np
 import pytest
 
@@ -81,7 +85,7 @@ def test_predict_follows_anchor_contract() -> None:
     assert scores.shape == (3, n, model.cfg.num_classes) and offsets.shape == (3, n, 2)
     assert float(scores.min()) >= 0 and float(scores.max()) <= 1 and float(offsets.min()) >= 0
     assert [p.shape[1] for p in per_level] == [w // s for s in model.cfg.strides]
-    np.testing.assert_array_equal(anchor_strides(w, model.cfg.strides)[: w], np.ones(w))
+    np.testing.assert_array_equal(anchor_strides(w, model.cfg.strides)[:w], np.ones(w))
 
 
 def test_packed_heads_equal_per_level_heads() -> None:

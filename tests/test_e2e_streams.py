@@ -114,7 +114,8 @@ def test_default_model_streaming_equals_offline(default_model, tmp_path) -> None
     kp, _ = _synth(424_242, 1800)
     runtime = OnnxModelRuntime(default_model, ["CPUExecutionProvider"])
     expected = offline_ends(detect_steps_sync(runtime, keypoints_to_steps(kp), runtime.card))
-    with run_server(default_model, tmp_path, env={"MGSTREAM_INBOUND_QUEUE_FRAMES": "100000"}) as srv:
+    env = {"MGSTREAM_INBOUND_QUEUE_FRAMES": "100000", "MGSTREAM_MODE": "window"}  # step mode: test_step_e2e.py
+    with run_server(default_model, tmp_path, env=env) as srv:
         result = asyncio.run(stream_payloads(srv.ws, keypoint_payloads(kp)))
     assert result.messages[-1]["frames_dropped"] == 0
     assert result.ends() == expected

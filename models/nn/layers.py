@@ -50,9 +50,7 @@ class ChannelNorm(nn.Module):
 class TimeConv(nn.Module):
     """Conv1d over time with causal (left) or centred zero padding. State when streaming: k-1 inputs."""
 
-    def __init__(
-        self, cin: int, cout: int, k: int, causal: bool, groups: int = 1, bias: bool = True
-    ) -> None:
+    def __init__(self, cin: int, cout: int, k: int, causal: bool, groups: int = 1, bias: bool = True) -> None:
         super().__init__()
         self.k, self.causal = k, causal
         self.conv = nn.Conv1d(cin, cout, k, groups=groups, bias=bias)

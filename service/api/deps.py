@@ -52,3 +52,4 @@ class ServingInfo:
     window_steps: int
     hop_steps: int
     input_kinds: tuple[str, ...]
+    mode: str = "window"  # "step": streams run the step model (app.state.step_scheduler)

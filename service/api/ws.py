@@ -40,6 +40,7 @@ from service.api.protocol import (
 from service.batching.scheduler import SchedulerClosed
 from service.contract.model_card import OFFSETS_OUTPUT, SCORES_OUTPUT, WINDOW_INPUT
 from service.detection.events import StreamDetector
+from service.detection.step_events import StepStream
 from service.features.base import FrameError, UnsupportedInput
 from service.features.factory import create_featurizer
 from service.log_config import stream_id_var
@@ -124,6 +125,7 @@ class StreamHandler:
         self.metrics = state.metrics
         self.card = state.runtime.card
         self.scheduler = state.scheduler
+        self.step_scheduler = getattr(state, "step_scheduler", None)  # step mode when set
         self.pool = state.featurizer_pool
         self.started = asyncio.Event()
         self.gone = False
@@ -346,6 +348,15 @@ class StreamHandler:
             fps=start.fps,
         )
         s.configure(start, featurizer, detector)
+        if self.step_scheduler is not None:
+            s.step = StepStream(
+                self.card,
+                self.step_scheduler.runtime.layout,
+                hop_steps=serving.hop_steps,
+                score_threshold=start.score_threshold,
+                classes=start.classes,
+                fps=start.fps,
+            )
         stream_id_var.set(s.stream_id)
         self._final(
             ReadyMessage(
@@ -357,7 +368,7 @@ class StreamHandler:
                 frames_per_step=self.card.feature.frames_per_step,
                 window_steps=detector.window_steps,
                 hop_steps=detector.hop_steps,
-                mode="window",
+                mode="step" if s.step is not None else "window",
                 feature_dim=self.card.feature.feature_dim,
                 keypoint_dim=self.card.feature.keypoint_dim,
                 classes=list(self.card.classes),
@@ -402,9 +413,10 @@ class StreamHandler:
             if not await self._append(step, arrival):
                 return
         n = s.ring.total
-        if s.detector.needs_final(n) and not await self._score(n, arrival):
+        final = n > s.step.steps_in if s.step is not None else s.detector.needs_final(n)
+        if final and not await self._score(n, arrival):
             return
-        for event in s.detector.finish(n):
+        for event in s.step.finish(n) if s.step is not None else s.detector.finish(n):
             self._final(event.to_message(s.stream_id), arrival)
         c = s.counters
         self._final(
@@ -425,15 +437,25 @@ class StreamHandler:
             self._bad(ErrorCode.BAD_FRAME, str(exc))
             return True
         n = s.ring.total
-        if s.detector.is_due(n):
+        due = n % s.step.chunk == 0 if s.step is not None else s.detector.is_due(n)
+        if due:
             return await self._score(n, arrival)
         return True
 
     async def _score(self, n: int, arrival: float) -> bool:
-        """Score the window ending at step ``n``; False when the stream cannot go on."""
+        """Score the window ending at step ``n`` (step mode: run the chunk ending there); False when the
+        stream cannot go on."""
         s = self.session
         try:
-            out = await self.scheduler.submit(s.key, {WINDOW_INPUT: s.ring.last(s.detector.window_steps)})
+            events = []
+            if s.step is not None:  # every chunk not yet fed (one, unless a failed call left a gap)
+                while s.step.steps_in < n:
+                    chunk, real = s.step.next_chunk(s.ring)
+                    out = await self.step_scheduler.submit(s.key, s.step.request(chunk))
+                    for event in s.step.consume(out, real):
+                        self._final(event.to_message(s.stream_id), arrival)
+            else:
+                out = await self.scheduler.submit(s.key, {WINDOW_INPUT: s.ring.last(s.detector.window_steps)})
         except InferenceFailed as exc:
             self.metrics.errors.labels(kind="inference_failed").inc()
             self._final(
@@ -451,6 +473,8 @@ class StreamHandler:
             s.request_close(CloseCode.SHUTDOWN, "server shutting down")
             return False
         s.counters.windows += 1
-        for event in s.detector.update(n, out[SCORES_OUTPUT], out[OFFSETS_OUTPUT]):
+        if s.step is None:
+            events = s.detector.update(n, out[SCORES_OUTPUT], out[OFFSETS_OUTPUT])
+        for event in events:
             self._final(event.to_message(s.stream_id), arrival)
         return True

@@ -42,8 +42,9 @@ SCORES_OUTPUT, OFFSETS_OUTPUT, VALID_OUTPUT = "scores", "offsets", "valid"
 
 @dataclass(frozen=True)
 class StateSegment:
-    """One cached buffer inside the flat ``state`` vector: per stream, ``shape`` (channels, steps)
-    stored channel-major (steps oldest first) at ``offset``."""
+    """One cached buffer inside the flat ``state`` vector: per stream, ``shape`` (steps, channels),
+    row-major with the oldest step first, at ``offset``. ``level`` -1: a head buffer holding every
+    level's rows, level 0's first (the heads share weights across levels)."""
 
     name: str
     level: int

@@ -94,6 +94,19 @@ class StepStream:
         )
         self.last_decided = 0
 
+    def next_chunk(self, ring) -> tuple[np.ndarray, int]:  # noqa: ANN001 - service.streams.ringbuffer.FeatureRing
+        """The oldest chunk of steps not fed yet, from the stream's feature ring, and its real length
+        (< H only for the zero-padded end of the stream)."""
+        behind = ring.total - self.steps_in
+        if not 1 <= behind <= ring.capacity:
+            raise ValueError(f"{behind} steps not fed yet; the ring holds {ring.capacity}")
+        rows = ring.last(behind)[: self.chunk]
+        if len(rows) == self.chunk:
+            return rows, self.chunk
+        chunk = np.zeros((self.chunk, rows.shape[1]), np.float32)
+        chunk[: len(rows)] = rows
+        return chunk, len(rows)
+
     def request(self, chunk: np.ndarray) -> Arrays:
         """The model inputs (no batch axis) for the next (H, D) chunk of steps."""
         return {FEATURES_INPUT: np.asarray(chunk, np.float32), **self.state}
@@ -180,5 +193,36 @@ def detect_steps_step_sync(
         batch = {name: value[None] for name, value in stream.request(chunk).items()}
         out = {name: value[0] for name, value in run(batch).items()}
         events.extend(stream.consume(out, real))
+    events.extend(stream.finish(total))
+    return events
+
+
+async def detect_steps_step(
+    steps: np.ndarray,
+    *,
+    card: ModelCard,
+    layout: StepLayout,
+    scheduler,  # noqa: ANN001 - service.batching.scheduler.Scheduler of the step runtime (or a wrapper)
+    key: str,
+    on_decision: Callable[[], None] | None = None,
+    **stream_options,
+) -> list[StreamEvent]:
+    """:func:`detect_steps_step_sync` through the server's step scheduler: the file is one
+    more stream whose chunks share batches with the live streams. ``on_decision`` is called at every
+    decision point (job progress)."""
+    steps = np.asarray(steps, dtype=np.float32)
+    if steps.ndim != 2 or steps.shape[1] != card.feature.feature_dim:
+        raise ValueError(f"steps must have shape (T, {card.feature.feature_dim}), got {steps.shape}")
+    stream = StepStream(card, layout, **stream_options)
+    h, total = layout.chunk_steps, len(steps)
+    events: list[StreamEvent] = []
+    for start in range(0, total, h):
+        chunk = np.zeros((h, steps.shape[1]), np.float32)
+        real = min(h, total - start)
+        chunk[:real] = steps[start : start + real]
+        out = await scheduler.submit(key, stream.request(chunk))
+        events.extend(stream.consume(out, real))
+        if on_decision is not None and ((start + real) % stream.hop_steps == 0 or start + real == total):
+            on_decision()
     events.extend(stream.finish(total))
     return events

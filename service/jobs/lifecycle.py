@@ -39,7 +39,23 @@ def pipeline_from_app(app) -> Pipeline:
     serving = getattr(state, "serving", None)  # the hop the live sessions use
     hop = serving.hop_steps if serving else StreamDetector(card, hop_steps=settings.hop_steps).hop_steps
 
+    step_scheduler = getattr(state, "step_scheduler", None)
+
     async def detect(steps, fps, score_threshold, on_window):
+        if step_scheduler is not None:  # step mode: the same step model as live streams, chunk by chunk
+            from service.detection.step_events import detect_steps_step
+
+            return await detect_steps_step(
+                steps,
+                card=card,
+                layout=step_scheduler.runtime.layout,
+                scheduler=step_scheduler,
+                key=f"job-{uuid.uuid4().hex[:12]}",
+                on_decision=on_window,
+                hop_steps=hop,
+                score_threshold=score_threshold,
+                fps=fps,
+            )
         # Every keyword spelled out: the same hop and batch share as live streams, a key of its own.
         return await detect_steps(
             steps,

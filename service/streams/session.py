@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from service.api.protocol import CloseCode, StartMessage, StatusMessage
 from service.detection.events import StreamDetector
+from service.detection.step_events import StepStream
 from service.features.base import Featurizer
 from service.streams.outbox import Outbox
 from service.streams.ringbuffer import FeatureRing
@@ -64,6 +65,7 @@ class StreamSession:
         self.featurizer: Featurizer | None = None
         self.detector: StreamDetector | None = None
         self.ring: FeatureRing | None = None
+        self.step: StepStream | None = None  # step mode: the stream's model state and final outputs
         self.authenticated = False
         self.ended = False  # the client sent `end`
         self.close_request: CloseRequest | None = None
@@ -152,5 +154,6 @@ class StreamSession:
         self.inbound.clear()
         self.outbox.clear()
         self.ring = None
+        self.step = None  # frees the cached model state
         self.detector = None
         self.featurizer = None
