@@ -1,11 +1,21 @@
-"""Streaming benchmark: N concurrent loopback clients at real-time pace against `mgstream serve`.
+"""Streaming benchmark: N concurrent loopback keypoint clients at real-time pace against `mgstream serve`.
 
-Per N it prints p50/p99 frame-to-event latency (client-side: from sending the frame that completed
-the deciding window to receiving the event), the frame drop rate and the server's CPU use, and
-stops past saturation (drops above 1 % or p99 above 1 s). It then compares stream-steps per second
-of batched ONNX Runtime against per-stream torch eager for the same architecture, in the same run.
+For each serving mode (window: the window model rescored every hop; step: the incremental step model)
+a server is started with the shipped default model and driven by N clients streaming synthetic
+keypoints (``models.synth``, so the trained model fires real events) at ``--fps``. Per N it prints
+p50/p99 frame-to-event latency (client-side: from sending the frame that completed the deciding
+chunk to receiving the event), the frame drop rate, the server's CPU and the clients' CPU (cores
+busy during the streaming window), and stops past saturation (drops above 1 %, p99 above 1 s or
+streams that never finished). Clients run in several processes, each pacing all of its streams
+from one ticker (a few wake-ups per frame period, not one per stream), so that they take as little
+CPU from the server as possible. A same-run comparison of stream-steps/s for batched ONNX against
+per-stream torch eager follows. Results go to benchmarks/out/streams.json and a plot of p99 latency
+against streams (benchmarks/out/streams_p99.png; ``--docs-plot`` writes a small copy for the docs).
 
-    .venv/bin/python benchmarks/streams.py --clients 1,10,20,40,80 --seconds 8
+    .venv/bin/python benchmarks/streams.py --modes window,step --seconds 8 --docs-plot docs/img/streams_p99.png
+    .venv/bin/python benchmarks/streams.py --plot-only   # redraw the plot from benchmarks/out/streams.json
+
+Only 127.0.0.1 is used. Every loop is bounded in count and in time (``--budget-s`` caps the sweep).
 """
 
 from __future__ import annotations
@@ -26,9 +36,12 @@ sys.path.insert(0, str(REPO))
 
 from service.api.protocol import pack_frame  # noqa: E402
 from service.config import DEFAULT_MODEL  # noqa: E402
-from tests.streamkit import Gesture, build_tiny_model, run_server, synth_keypoints  # noqa: E402
 
+OUT = REPO / "benchmarks" / "out"
 TICKS = os.sysconf("SC_CLK_TCK")
+GOAL_P99_MS = 50.0
+DEFAULT_LEVELS = {"window": "1,10,20,40,60,80", "step": "1,50,100,200,300,400,500,600"}
+PHASE_SLOTS = 8  # a client process wakes PHASE_SLOTS times per frame period and sends to the streams due
 
 
 def cpu_seconds(pid: int) -> float:
@@ -36,154 +49,334 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
 
 
-def busy_sequence(frames: int, seed: int) -> np.ndarray:
-    """A gesture every ~2 s, alternating hands, so events (and latency samples) come often."""
-    gestures, t, cls = [], 15 + seed % 20, 1 + seed % 2
-    while t + 40 < frames:
-        gestures.append(Gesture(cls, t, t + 30))
-        t, cls = t + 60, 3 - cls
-    return synth_keypoints(frames, gestures, seed=seed)
+def load_avg() -> tuple[float, float, float]:
+    return os.getloadavg()
 
 
-async def one_client(url: str, kp: np.ndarray, fps: float, seed: int) -> dict:
-    import websockets
+# ---------------------------------------------------------------- client processes
 
-    sent_at = np.zeros(len(kp))
-    latencies: list[float] = []
-    async with websockets.connect(url, max_size=None) as ws:
-        await ws.send(json.dumps({"type": "start", "input": "keypoints", "fps": fps}))
 
-        async def reader() -> dict:
-            end = {}
-            async for raw in ws:
-                msg = json.loads(raw)
-                if msg["type"] in ("gesture_start", "gesture_end"):
-                    frame = msg["decided_at_frame"] - 1
-                    if 0 <= frame < len(sent_at) and sent_at[frame]:
-                        latencies.append(time.perf_counter() - sent_at[frame])
-                elif msg["type"] == "end":
-                    end = msg
-            return end
+def _payloads(seed: int, frames: int) -> list[bytes]:
+    from models.synth import generate_sequence
 
-        task = asyncio.ensure_future(reader())
-        payloads = [f.astype("<f4").tobytes() for f in kp]
-        t0 = time.perf_counter() + (seed % 30) / fps  # spread the clients' phases
-        for i, payload in enumerate(payloads):
-            delay = t0 + i / fps - time.perf_counter()
+    kp, _ = generate_sequence(seed=seed, num_frames=frames)
+    return [pack_frame(i, i / 30.0, f.astype("<f4").tobytes()) for i, f in enumerate(kp)]
+
+
+class _Client:
+    """One stream: its frames, send times and the latencies of the events it received."""
+
+    def __init__(self, seed: int, frames: int) -> None:
+        self.payloads = _payloads(seed, frames)
+        self.sent_at = np.zeros(frames)
+        self.latencies: list[float] = []
+        self.ended: dict = {}
+        self.ending = False  # `end` sent: later events are end-of-stream flushes, not live decisions
+        self.ws = None
+        self.mode = ""
+        self.reader: asyncio.Task | None = None
+
+    async def open(self, url: str, fps: float, compression: bool) -> None:
+        from websockets.asyncio.client import connect
+
+        self.ws = await connect(url, max_size=2**22, open_timeout=60, compression="deflate" if compression else None)
+        await self.ws.send(json.dumps({"type": "start", "input": "keypoints", "fps": fps}))
+        ready = json.loads(await asyncio.wait_for(self.ws.recv(), 60))
+        if ready.get("type") != "ready":
+            raise RuntimeError(f"expected ready, got {ready}")
+        self.mode = ready["mode"]
+        self.reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        async for raw in self.ws:
+            head = raw[:24]
+            if '"gesture_' in head:
+                if self.ending:
+                    continue
+                frame = json.loads(raw)["decided_at_frame"] - 1  # decided_at_frame counts frames seen
+                if 0 <= frame < len(self.sent_at) and self.sent_at[frame]:
+                    self.latencies.append(time.perf_counter() - self.sent_at[frame])
+            elif '"end"' in head:
+                self.ended = json.loads(raw)
+                return
+
+    async def finish(self, timeout: float) -> None:
+        self.ending = True
+        try:
+            await self.ws.send(json.dumps({"type": "end"}))
+            await asyncio.wait_for(self.reader, timeout)
+        except Exception:  # noqa: BLE001 - an unfinished stream is reported as incomplete
+            pass
+        finally:
+            await self.ws.close()
+
+
+async def _group(url: str, ids: list[int], start_wall: float, seconds: float, fps: float, compression: bool) -> dict:
+    frames = int(seconds * fps)
+    clients = [_Client(i, frames) for i in ids]
+    gate = asyncio.Semaphore(16)  # handshakes in flight per process
+
+    async def open_one(c: _Client) -> None:
+        async with gate:
+            await c.open(url, fps, compression)
+
+    await asyncio.gather(*(open_one(c) for c in clients))
+    # Phase slot of each client: streams spread evenly over the frame period.
+    slots = [[c for j, c in enumerate(clients) if (ids[j] * 5) % PHASE_SLOTS == s] for s in range(PHASE_SLOTS)]
+    t0 = time.perf_counter() + max(0.0, start_wall - time.time())
+    await asyncio.sleep(max(0.0, t0 - time.perf_counter()))
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    for k in range(frames):  # bounded: frames x PHASE_SLOTS ticks
+        for s, group in enumerate(slots):
+            due = t0 + (k + s / PHASE_SLOTS) / fps
+            delay = due - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            sent_at[i] = time.perf_counter()
-            await ws.send(pack_frame(i, i / fps, payload))
-        await ws.send(json.dumps({"type": "end"}))
-        end = await asyncio.wait_for(task, 120)
-    return {"latencies": latencies, "received": end.get("frames_received", 0), "dropped": end.get("frames_dropped", 0)}
+            for c in group:
+                c.sent_at[k] = time.perf_counter()
+                await c.ws.send(c.payloads[k])
+    cpu1, wall1 = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(c.finish(60.0) for c in clients))
+    return {
+        "latencies": [x for c in clients for x in c.latencies],
+        "received": sum(c.ended.get("frames_received", 0) for c in clients),
+        "dropped": sum(c.ended.get("frames_dropped", 0) for c in clients),
+        "incomplete": sum(not c.ended for c in clients),
+        "modes": sorted({c.mode for c in clients}),
+        "cpu_s": cpu1 - cpu0,
+        "wall_s": wall1 - wall0,
+    }
 
 
-async def _clients(url: str, ids: list[int], seconds: float, fps: float) -> list[dict]:
-    frames = int(seconds * fps)
-    return await asyncio.gather(*(one_client(url, busy_sequence(frames, i), fps, i) for i in ids))
+def _client_process(args: tuple) -> dict:
+    return asyncio.run(_group(*args))
 
 
-def _client_process(args: tuple) -> list[dict]:
-    return asyncio.run(_clients(*args))
+# ---------------------------------------------------------------- one mode
 
 
-def run_level(url: str, n: int, seconds: float, fps: float, processes: int) -> list[dict]:
-    """Clients spread over several processes, so one client event loop is not the bottleneck."""
-    import multiprocessing
+def _sweep(model: Path, mode: str, levels: list[int], args: argparse.Namespace, pool, deadline: float) -> list[dict]:
+    from tests.streamkit import run_server
 
-    groups = [list(range(i, n, processes)) for i in range(min(processes, n))]
-    with multiprocessing.get_context("spawn").Pool(len(groups)) as pool:
-        parts = pool.map(_client_process, [(url, g, seconds, fps) for g in groups])
-    return [r for part in parts for r in part]
-
-
-def stream_benchmark(model: Path, levels: list[int], seconds: float, fps: float, processes: int) -> None:
+    rows: list[dict] = []
+    env = {"MGSTREAM_MODE": mode, "MGSTREAM_MAX_SESSIONS": "4096", "MGSTREAM_LOG_LEVEL": "warning"}
     print(
-        f"\n## Live streams ({seconds:g} s each, {fps:g} fps keypoints, model {model.name}, "
-        f"clients in {processes} processes on the same machine)"
+        f"\n## Live keypoint streams, {mode} mode ({args.seconds:g} s per level, {args.fps:g} fps, "
+        f"clients in {args.client_processes} processes, compression {'on' if args.compression else 'off'})"
     )
-    print("| streams | events | p50 ms | p99 ms | drop % | server CPU (cores) |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    with (
-        tempfile.TemporaryDirectory() as tmp,
-        run_server(model, Path(tmp), env={"MGSTREAM_MAX_SESSIONS": "4096"}) as srv,
-    ):
+    print("| streams | events | p50 ms | p99 ms | drop % | server CPU | client CPU | load 1m |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    with tempfile.TemporaryDirectory() as tmp, run_server(model, Path(tmp), env=env) as srv:
         for n in levels:
-            cpu0, t0 = cpu_seconds(srv.proc.pid), time.monotonic()
-            results = run_level(srv.ws, n, seconds, fps, processes)
-            cores = (cpu_seconds(srv.proc.pid) - cpu0) / (time.monotonic() - t0)
-            lat = np.concatenate([r["latencies"] for r in results]) * 1000 if results else np.zeros(0)
-            received = sum(r["received"] for r in results)
-            drop = 100 * sum(r["dropped"] for r in results) / max(received, 1)
-            p50, p99 = (np.percentile(lat, 50), np.percentile(lat, 99)) if lat.size else (np.nan, np.nan)
-            print(f"| {n} | {lat.size} | {p50:.1f} | {p99:.1f} | {drop:.2f} | {cores:.2f} |", flush=True)
-            if drop > 1.0 or p99 > 1000:
-                print(f"\nsaturated at {n} streams (drops {drop:.2f} %, p99 {p99:.0f} ms)")
+            if time.monotonic() > deadline:
+                print(f"\n(time budget reached; {mode} sweep stopped before {n} streams)")
                 break
+            groups = [list(range(i, n, args.client_processes)) for i in range(min(args.client_processes, n))]
+            setup = 3.0 + n / 60  # time to spawn nothing (pool is warm), generate frames and hand-shake
+            start_wall = time.time() + setup
+            jobs = [
+                pool.apply_async(_client_process, ((srv.ws, g, start_wall, args.seconds, args.fps, args.compression),))
+                for g in groups
+            ]
+            time.sleep(max(0.0, start_wall - time.time()))
+            cpu0, t0 = cpu_seconds(srv.proc.pid), time.monotonic()
+            time.sleep(args.seconds)
+            server_cores = (cpu_seconds(srv.proc.pid) - cpu0) / (time.monotonic() - t0)
+            la = load_avg()[0]
+            parts = [j.get(timeout=setup + args.seconds + 180) for j in jobs]
+            served = {m for p in parts for m in p["modes"]}
+            if served != {mode}:
+                raise RuntimeError(f"asked for {mode} mode, the server answered {served}")
+            lat = np.array([x for p in parts for x in p["latencies"]]) * 1000
+            received = sum(p["received"] for p in parts)
+            drop = 100 * sum(p["dropped"] for p in parts) / max(received, 1)
+            incomplete = sum(p["incomplete"] for p in parts)
+            client_cores = sum(p["cpu_s"] for p in parts) / max(args.seconds, 1e-9)
+            p50, p99 = (float(np.percentile(lat, 50)), float(np.percentile(lat, 99))) if lat.size else (np.nan, np.nan)
+            row = {
+                "streams": n,
+                "events": int(lat.size),
+                "p50_ms": p50,
+                "p99_ms": p99,
+                "drop_pct": drop,
+                "incomplete": incomplete,
+                "server_cores": server_cores,
+                "client_cores": client_cores,
+                "load1": la,
+            }
+            rows.append(row)
+            note = f" ({incomplete} streams unfinished)" if incomplete else ""
+            print(
+                f"| {n} | {lat.size} | {p50:.1f} | {p99:.1f} | {drop:.2f} | {server_cores:.2f} | "
+                f"{client_cores:.2f} | {la:.2f} |{note}",
+                flush=True,
+            )
+            if drop > 1.0 or not p99 < 1000 or incomplete:
+                print(f"\nsaturated at {n} streams (drops {drop:.2f} %, p99 {p99:.0f} ms, {incomplete} unfinished)")
+                break
+    ok = [r["streams"] for r in rows if r["p99_ms"] < GOAL_P99_MS and r["drop_pct"] == 0 and not r["incomplete"]]
+    print(f"\n{mode}: most streams with p99 < {GOAL_P99_MS:g} ms and no drops: {max(ok) if ok else 'none'}")
+    return rows
 
 
-def throughput_benchmark(window: int, batch: int, seconds: float) -> None:
-    """Stream-steps/s: batched ONNX Runtime vs per-stream torch eager, same architecture and weights."""
+# ---------------------------------------------------------------- throughput comparison (issue 4)
+
+
+def _rate(fn, steps_per_call: int, seconds: float) -> float:
+    fn()
+    calls, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds and calls < 100_000:
+        fn()
+        calls += 1
+    return calls * steps_per_call / (time.perf_counter() - t0)
+
+
+def throughput_benchmark(model_path: Path, batch: int, seconds: float) -> list[tuple[str, float]]:
+    """Stream-steps/s of the shipped ONNX models (batched) against per-stream torch eager, same architecture."""
+    from service.runtime.onnx import OnnxModelRuntime
+    from service.runtime.step_runtime import StepModelRuntime, step_model_path
+
+    hop = 4
+    rng = np.random.default_rng(0)
+    window = OnnxModelRuntime(model_path, ["CPUExecutionProvider"])
+    w, d = window.card.window_steps, window.card.feature.feature_dim
+    x = rng.normal(size=(batch, w, d)).astype(np.float32)
+    rows = [
+        (
+            f"ONNX window model (W={w}), batches of {batch}",
+            _rate(lambda: window.run({"features": x}), batch * hop, seconds),
+        )
+    ]
+    step_path = step_model_path(model_path)
+    if step_path.is_file():
+        step = StepModelRuntime(step_path, ["CPUExecutionProvider"])
+        h, s = step.layout.chunk_steps, step.layout.state_size
+        feed = {
+            "features": rng.normal(size=(batch, h, d)).astype(np.float32),
+            "state": np.zeros((batch, s), np.float32),
+            "phase": np.zeros((batch, 1), np.float32),
+        }
+        rows.append((f"ONNX step model (H={h}), batches of {batch}", _rate(lambda: step.run(feed), batch * h, seconds)))
     try:
         import torch
 
         from models.detector import Detector
-        from models.export import build_card, export_onnx
         from models.nn.config import ModelConfig
-        from service.contract.model_card import PostProcess
-        from service.runtime.onnx import OnnxModelRuntime
+        from models.step import StepDetector
     except ImportError as exc:
         print(f"\n(torch comparison skipped: {exc})")
-        return
+        return rows
     torch.manual_seed(0)
-    model = Detector(ModelConfig(window_steps=window)).eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        card = build_card(model, PostProcess(), meta={}, name="bench")
-        path = export_onnx(model, Path(tmp) / "bench.onnx", card)
-        runtime = OnnxModelRuntime(path, ["CPUExecutionProvider"])
-        hop = 4
-        x = np.random.default_rng(0).normal(size=(batch, window, 372)).astype(np.float32)
-
-        def rate(fn, windows_per_call: int) -> float:
-            fn()
-            calls, t0 = 0, time.perf_counter()
-            while time.perf_counter() - t0 < seconds:
-                fn()
-                calls += 1
-            return calls * windows_per_call * hop / (time.perf_counter() - t0)
-
-        onnx_rate = rate(lambda: runtime.run({"features": x}), batch)
-        xt = torch.from_numpy(x[:1])
-        with torch.inference_mode():
-            torch_rate = rate(lambda: model.predict(xt), 1)
-    print(f"\n## Detector throughput (W={window}, hop={hop} steps, default architecture, 2 threads)")
+    det = Detector(ModelConfig(window_steps=w)).eval()  # cost depends on architecture, not on weights
+    xt = torch.from_numpy(x[:1])
+    with torch.inference_mode():
+        rows.append(("torch eager window, one stream per call", _rate(lambda: det.predict(xt), hop, seconds)))
+        sd = StepDetector(det, 4).eval()
+        st, ph = sd.initial_state(1)
+        ft = torch.from_numpy(x[:1, :4])
+        rows.append(("torch eager step, one stream per call", _rate(lambda: sd(ft, st, ph), 4, seconds)))
+    print(f"\n## Detector throughput (default architecture, hop {hop} steps, {torch.get_num_threads()} torch threads)")
     print("| path | stream-steps/s | live streams at 7.5 steps/s |")
     print("|---|---:|---:|")
-    for name, r in ((f"ONNX Runtime, batches of {batch}", onnx_rate), ("torch eager, one stream per call", torch_rate)):
+    for name, r in rows:
         print(f"| {name} | {r:,.0f} | {r / 7.5:,.0f} |")
-    print(f"\nbatched ONNX / per-stream torch: {onnx_rate / torch_rate:.2f}x")
+    by = dict(rows)
+    eager = by["torch eager window, one stream per call"]
+    print(f"\nbatched ONNX window / per-stream torch eager window: {rows[0][1] / eager:.1f}x")
+    if len(rows) > 3:
+        print(f"batched ONNX step / per-stream torch eager window: {rows[1][1] / eager:.1f}x")
+    return rows
+
+
+# ---------------------------------------------------------------- plot
+
+
+def plot(results: dict, path: Path, dpi: int, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for mode, style in (("window", "o-"), ("step", "s-")):
+        rows = results.get("modes", {}).get(mode) or []
+        rows = [r for r in rows if r["p99_ms"] == r["p99_ms"]]  # drop NaN (no events)
+        if rows:
+            ax.plot([r["streams"] for r in rows], [r["p99_ms"] for r in rows], style, label=f"{mode} mode")
+    ax.axhline(GOAL_P99_MS, color="grey", ls="--", lw=1, label=f"goal p99 {GOAL_P99_MS:g} ms")
+    ax.set_yscale("log")
+    ax.set_xlabel("concurrent keypoint streams at 30 fps")
+    ax.set_ylabel("p99 frame-to-event latency (ms)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    print(f"plot: {path} ({path.stat().st_size // 1024} KiB)")
+
+
+# ---------------------------------------------------------------- main
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=None, help="default: the shipped model, else a tiny one")
-    parser.add_argument("--clients", default="1,10,20,40,80,160")
-    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--model", type=Path, default=None, help="window model (its .step.onnx beside it)")
+    parser.add_argument("--modes", default="window,step")
+    parser.add_argument("--clients-window", default=DEFAULT_LEVELS["window"], help="levels of N in window mode")
+    parser.add_argument("--clients-step", default=DEFAULT_LEVELS["step"], help="levels of N in step mode")
+    parser.add_argument("--seconds", type=float, default=8.0, help="streaming time per level")
     parser.add_argument("--fps", type=float, default=30.0)
-    parser.add_argument("--window", type=int, default=128, help="window of the throughput comparison")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--client-processes", type=int, default=4)
-    parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument("--client-processes", type=int, default=3)
+    parser.add_argument(
+        "--compression",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="offer permessage-deflate as the Python client and browsers do",
+    )
+    parser.add_argument("--budget-s", type=float, default=720.0, help="stop sweeping levels after this long")
+    parser.add_argument("--batch", type=int, default=32, help="batch of the throughput comparison")
+    parser.add_argument("--skip-torch", action="store_true", help="skip the throughput comparison")
+    parser.add_argument("--out", type=Path, default=OUT / "streams.json")
+    parser.add_argument("--docs-plot", type=Path, default=None, help="also write a small plot here")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the plots from --out")
     args = parser.parse_args()
-    model = args.model or (DEFAULT_MODEL if DEFAULT_MODEL.is_file() else None)
-    with tempfile.TemporaryDirectory() as tmp:
-        model = model or build_tiny_model(Path(tmp) / "tiny.onnx")
-        stream_benchmark(
-            model, [int(n) for n in args.clients.split(",")], args.seconds, args.fps, args.client_processes
-        )
-    if not args.skip_torch:
-        throughput_benchmark(args.window, args.batch, seconds=5.0)
+
+    title = "mgstream default model, keypoints at 30 fps, 2-core CPU, clients on the same cores"
+    if args.plot_only:
+        results = json.loads(args.out.read_text())
+    else:
+        model = args.model or DEFAULT_MODEL
+        if not model.is_file():
+            raise SystemExit(f"no model at {model}; train/export the default model or pass --model")
+        import multiprocessing
+
+        deadline = time.monotonic() + args.budget_s
+        results = {
+            "model": str(model.relative_to(REPO) if model.is_relative_to(REPO) else model),
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "load_before": load_avg(),
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "modes": {},
+        }
+        print(f"model {model}; load average before: {' '.join(f'{x:.2f}' for x in results['load_before'])}")
+        levels = {"window": args.clients_window, "step": args.clients_step}
+        with multiprocessing.get_context("spawn").Pool(args.client_processes) as pool:
+            for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
+                results["modes"][mode] = _sweep(
+                    model, mode, [int(n) for n in levels[mode].split(",")], args, pool, deadline
+                )
+        if not args.skip_torch:
+            results["throughput"] = throughput_benchmark(model, args.batch, seconds=3.0)
+        results["load_after"] = load_avg()
+        print(f"\nload average after: {' '.join(f'{x:.2f}' for x in results['load_after'])}")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1))
+        print(f"results: {args.out}")
+    plot(results, OUT / "streams_p99.png", 120, title)
+    if args.docs_plot:
+        plot(results, args.docs_plot, 72, title)
 
 
 if __name__ == "__main__":

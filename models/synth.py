@@ -31,7 +31,7 @@ import numpy as np
 from service.contract.classes import NUM_CLASSES, SMG_CLASSES
 from service.contract.features import HAND_LANDMARKS, KEYPOINT_DIM, POSE_LANDMARKS
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 DESCRIPTION = "procedural synthetic skeleton data"
 
 # Rank of each class in the long-tailed option (0 = most frequent). The order follows what the
@@ -322,10 +322,11 @@ def _plan(
         if rng.random() < 0.7:
             sides = SIDES if rng.random() < 0.4 else (int(_pick(rng, list(SIDES))),)
             legs = LegAction(
-                "bounce", sides, amp=rng.uniform(0.04, 0.08) * amp, freq=rng.uniform(2.5, 4.5) * f
+                "bounce", sides, amp=rng.uniform(0.12, 0.22) * amp, freq=rng.uniform(2.5, 4.5) * f
             )
         else:
-            legs = LegAction("sway", SIDES, amp=rng.uniform(0.06, 0.12) * amp, freq=rng.uniform(1.5, 2.5) * f)
+            # Knee travel of a few centimetres (shoulder width ~ 40 cm): well above tracking jitter.
+            legs = LegAction("sway", SIDES, amp=rng.uniform(0.15, 0.3) * amp, freq=rng.uniform(1.5, 2.5) * f)
         return ("legs",), [], None, legs
     if label == 6:  # touching / scratching the neck
         if rng.random() < 0.6:

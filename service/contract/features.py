@@ -5,7 +5,8 @@ Canonical keypoint frame (``float32[258]``, MediaPipe Holistic layout and coordi
 right hand's 21 x (x, y, z). x/y are normalised image coordinates; an undetected part is NaN.
 
 Frame features (``FRAME_DIM`` = 186): pose x/y and hand x/y, centred on the mid-shoulder point
-and divided by the shoulder width (so body size, camera distance and offset drop out), pose
+(legs on the mid-hip point) and divided by a body scale, the mean of the shoulder width and the
+torso length (so body size, camera distance and offset drop out), pose
 visibility, and three presence flags (pose, left hand, right hand). Missing parts become zeros
 with their flag at 0, so NaN never reaches the detector.
 
@@ -32,6 +33,9 @@ RIGHT_HAND_OFFSET = POSE_DIM + HAND_DIM
 
 # MediaPipe Pose indices used for normalisation.
 LEFT_SHOULDER, RIGHT_SHOULDER = 11, 12
+LEFT_HIP, RIGHT_HIP = 23, 24
+LEGS = slice(25, 33)  # knees, ankles, heels, toes
+TORSO_PER_SHOULDER = 1.5  # typical mid-shoulder-to-mid-hip length in shoulder widths
 
 FRAME_DIM = POSE_LANDMARKS * 2 + POSE_LANDMARKS + 2 * HAND_LANDMARKS * 2 + 3  # 186
 MIN_SCALE = 1e-3
@@ -92,21 +96,31 @@ def keypoints_to_frame_features(keypoints: np.ndarray) -> np.ndarray:
     right = kp[:, RIGHT_HAND_OFFSET:].reshape(t, HAND_LANDMARKS, 3)
 
     shoulders = pose[:, [LEFT_SHOULDER, RIGHT_SHOULDER], :2]
+    hips = np.nan_to_num(pose[:, [LEFT_HIP, RIGHT_HIP], :2])
     pose_ok = np.isfinite(shoulders).all(axis=(1, 2))
-    origin = np.where(pose_ok[:, None], np.nan_to_num(shoulders.mean(axis=1)), 0.0)
-    width = np.linalg.norm(np.nan_to_num(shoulders[:, 0] - shoulders[:, 1]), axis=-1)
-    scale = np.maximum(width, MIN_SCALE)[:, None, None]
+    shoulders = np.nan_to_num(shoulders)
+    origin = np.where(pose_ok[:, None], shoulders.mean(axis=1), 0.0)
+    width = np.linalg.norm(shoulders[:, 0] - shoulders[:, 1], axis=-1)
+    torso = np.linalg.norm(origin - hips.mean(axis=1), axis=-1)
+    # Two body lengths averaged: a per-frame scale from one short segment turns tracking jitter
+    # into large noise on distal landmarks.
+    scale = np.maximum(0.5 * (width + torso / TORSO_PER_SHOULDER), MIN_SCALE)[:, None, None]
 
     def centred(points: np.ndarray, present: np.ndarray) -> np.ndarray:
         xy = (np.nan_to_num(points[..., :2]) - origin[:, None, :]) / scale
         return np.where(present[:, None, None], xy, 0.0).reshape(t, -1)
+
+    # Legs are measured from the mid-hip point: their small motions (bouncing knees) would drown
+    # in the scale noise multiplied by their distance from the shoulders.
+    pose_xy = np.nan_to_num(pose[..., :2]).copy()
+    pose_xy[:, LEGS] += (origin - hips.mean(axis=1))[:, None, :]
 
     left_ok = np.isfinite(left[..., :2]).all(axis=(1, 2)) & pose_ok
     right_ok = np.isfinite(right[..., :2]).all(axis=(1, 2)) & pose_ok
     visibility = np.where(pose_ok[:, None], np.nan_to_num(pose[..., 3]), 0.0)
     out = np.concatenate(
         [
-            centred(pose, pose_ok),
+            centred(pose_xy, pose_ok),
             visibility,
             centred(left, left_ok),
             centred(right, right_ok),
