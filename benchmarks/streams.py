@@ -69,18 +69,21 @@ class _Client:
     def __init__(self, seed: int, frames: int) -> None:
         self.payloads = _payloads(seed, frames)
         self.sent_at = np.zeros(frames)
-        self.latencies: list[float] = []
+        self.latencies: list[tuple[float, float]] = []  # (send time of the deciding frame, latency)
         self.ended: dict = {}
         self.ending = False  # `end` sent: later events are end-of-stream flushes, not live decisions
         self.ws = None
         self.mode = ""
         self.reader: asyncio.Task | None = None
 
-    async def open(self, url: str, fps: float, compression: bool) -> None:
+    async def open(self, url: str, fps: float, compression: bool, threshold: float | None) -> None:
         from websockets.asyncio.client import connect
 
         self.ws = await connect(url, max_size=2**22, open_timeout=60, compression="deflate" if compression else None)
-        await self.ws.send(json.dumps({"type": "start", "input": "keypoints", "fps": fps}))
+        start = {"type": "start", "input": "keypoints", "fps": fps}
+        if threshold is not None:
+            start["score_threshold"] = threshold
+        await self.ws.send(json.dumps(start))
         ready = json.loads(await asyncio.wait_for(self.ws.recv(), 60))
         if ready.get("type") != "ready":
             raise RuntimeError(f"expected ready, got {ready}")
@@ -95,7 +98,8 @@ class _Client:
                     continue
                 frame = json.loads(raw)["decided_at_frame"] - 1  # decided_at_frame counts frames seen
                 if 0 <= frame < len(self.sent_at) and self.sent_at[frame]:
-                    self.latencies.append(time.perf_counter() - self.sent_at[frame])
+                    sent = self.sent_at[frame]
+                    self.latencies.append((sent, time.perf_counter() - sent))
             elif '"end"' in head:
                 self.ended = json.loads(raw)
                 return
@@ -111,40 +115,56 @@ class _Client:
             await self.ws.close()
 
 
-async def _group(url: str, ids: list[int], start_wall: float, seconds: float, fps: float, compression: bool) -> dict:
-    frames = int(seconds * fps)
-    clients = [_Client(i, frames) for i in ids]
+async def _group(
+    url: str,
+    ids: list[int],
+    n: int,
+    start_wall: float,
+    stagger: float,
+    seconds: float,
+    fps: float,
+    compression: bool,
+    threshold: float | None,
+) -> dict:
+    """Stream ``ids`` (of ``n`` streams in all) from one process; stream j starts ``stagger * j / n`` s in,
+    all end together; latencies, server and client CPU count only the last ``seconds`` (all streams on)."""
+    total_ticks = int((stagger + seconds) * fps) * PHASE_SLOTS
+    first = {i: int(stagger * fps * PHASE_SLOTS * i / n) for i in ids}  # start tick of each stream
+    clients = {i: _Client(i, -(-(total_ticks - first[i]) // PHASE_SLOTS)) for i in ids}
     gate = asyncio.Semaphore(16)  # handshakes in flight per process
 
     async def open_one(c: _Client) -> None:
         async with gate:
-            await c.open(url, fps, compression)
+            await c.open(url, fps, compression, threshold)
 
-    await asyncio.gather(*(open_one(c) for c in clients))
-    # Phase slot of each client: streams spread evenly over the frame period.
-    slots = [[c for j, c in enumerate(clients) if (ids[j] * 5) % PHASE_SLOTS == s] for s in range(PHASE_SLOTS)]
+    await asyncio.gather(*(open_one(c) for c in clients.values()))
+    # Streams grouped by their phase slot: one wake-up per slot sends to every stream due then.
+    slots = [[(first[i], clients[i]) for i in ids if first[i] % PHASE_SLOTS == s] for s in range(PHASE_SLOTS)]
     t0 = time.perf_counter() + max(0.0, start_wall - time.time())
-    await asyncio.sleep(max(0.0, t0 - time.perf_counter()))
-    cpu0, wall0 = time.process_time(), time.perf_counter()
-    for k in range(frames):  # bounded: frames x PHASE_SLOTS ticks
-        for s, group in enumerate(slots):
-            due = t0 + (k + s / PHASE_SLOTS) / fps
-            delay = due - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            for c in group:
+    measure_tick = int(stagger * fps) * PHASE_SLOTS
+    t_measure = t0 + measure_tick / (fps * PHASE_SLOTS)
+    cpu0 = time.process_time()
+    for tick in range(total_ticks):  # bounded: (stagger + seconds) x fps x PHASE_SLOTS wake-ups
+        if tick == measure_tick:
+            cpu0 = time.process_time()
+        delay = t0 + tick / (fps * PHASE_SLOTS) - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        for start, c in slots[tick % PHASE_SLOTS]:
+            if tick >= start:
+                k = (tick - start) // PHASE_SLOTS
                 c.sent_at[k] = time.perf_counter()
                 await c.ws.send(c.payloads[k])
-    cpu1, wall1 = time.process_time(), time.perf_counter()
-    await asyncio.gather(*(c.finish(60.0) for c in clients))
+    cpu1 = time.process_time()
+    await asyncio.gather(*(c.finish(60.0) for c in clients.values()))
+    done = list(clients.values())
     return {
-        "latencies": [x for c in clients for x in c.latencies],
-        "received": sum(c.ended.get("frames_received", 0) for c in clients),
-        "dropped": sum(c.ended.get("frames_dropped", 0) for c in clients),
-        "incomplete": sum(not c.ended for c in clients),
-        "modes": sorted({c.mode for c in clients}),
+        "latencies": [x for c in done for t, x in c.latencies if t >= t_measure],
+        "received": sum(c.ended.get("frames_received", 0) for c in done),
+        "dropped": sum(c.ended.get("frames_dropped", 0) for c in done),
+        "incomplete": sum(not c.ended for c in done),
+        "modes": sorted({c.mode for c in done}),
         "cpu_s": cpu1 - cpu0,
-        "wall_s": wall1 - wall0,
     }
 
 
@@ -162,7 +182,8 @@ def _sweep(model: Path, mode: str, levels: list[int], args: argparse.Namespace, 
     env = {"MGSTREAM_MODE": mode, "MGSTREAM_MAX_SESSIONS": "4096", "MGSTREAM_LOG_LEVEL": "warning"}
     print(
         f"\n## Live keypoint streams, {mode} mode ({args.seconds:g} s per level, {args.fps:g} fps, "
-        f"clients in {args.client_processes} processes, compression {'on' if args.compression else 'off'})"
+        f"clients in {args.client_processes} processes, compression {'on' if args.compression else 'off'}, "
+        f"starts staggered over {args.stagger_s:g} s, score threshold {args.score_threshold or 'of the model'})"
     )
     print("| streams | events | p50 ms | p99 ms | drop % | server CPU | client CPU | load 1m |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -175,15 +196,30 @@ def _sweep(model: Path, mode: str, levels: list[int], args: argparse.Namespace, 
             setup = 3.0 + n / 60  # time to spawn nothing (pool is warm), generate frames and hand-shake
             start_wall = time.time() + setup
             jobs = [
-                pool.apply_async(_client_process, ((srv.ws, g, start_wall, args.seconds, args.fps, args.compression),))
+                pool.apply_async(
+                    _client_process,
+                    (
+                        (
+                            srv.ws,
+                            g,
+                            n,
+                            start_wall,
+                            args.stagger_s,
+                            args.seconds,
+                            args.fps,
+                            args.compression,
+                            args.score_threshold,
+                        ),
+                    ),
+                )
                 for g in groups
             ]
-            time.sleep(max(0.0, start_wall - time.time()))
+            time.sleep(max(0.0, start_wall + args.stagger_s - time.time()))
             cpu0, t0 = cpu_seconds(srv.proc.pid), time.monotonic()
             time.sleep(args.seconds)
             server_cores = (cpu_seconds(srv.proc.pid) - cpu0) / (time.monotonic() - t0)
             la = load_avg()[0]
-            parts = [j.get(timeout=setup + args.seconds + 180) for j in jobs]
+            parts = [j.get(timeout=setup + args.stagger_s + args.seconds + 180) for j in jobs]
             served = {m for p in parts for m in p["modes"]}
             if served != {mode}:
                 raise RuntimeError(f"asked for {mode} mode, the server answered {served}")
@@ -211,7 +247,9 @@ def _sweep(model: Path, mode: str, levels: list[int], args: argparse.Namespace, 
                 f"{client_cores:.2f} | {la:.2f} |{note}",
                 flush=True,
             )
-            if drop > 1.0 or not p99 < 1000 or incomplete:
+            if not lat.size:
+                print(f"(no events at {n} streams: the model fired nothing; see --score-threshold)")
+            if drop > 1.0 or p99 > 1000 or incomplete:
                 print(f"\nsaturated at {n} streams (drops {drop:.2f} %, p99 {p99:.0f} ms, {incomplete} unfinished)")
                 break
     ok = [r["streams"] for r in rows if r["p99_ms"] < GOAL_P99_MS and r["drop_pct"] == 0 and not r["incomplete"]]
@@ -328,6 +366,19 @@ def main() -> None:
     parser.add_argument("--clients-step", default=DEFAULT_LEVELS["step"], help="levels of N in step mode")
     parser.add_argument("--seconds", type=float, default=8.0, help="streaming time per level")
     parser.add_argument("--fps", type=float, default=30.0)
+    parser.add_argument(
+        "--stagger-s",
+        type=float,
+        default=0.0,
+        help="start the streams spread over this many seconds before the measured --seconds (all on then)",
+    )
+    parser.add_argument(
+        "--score-threshold",
+        type=float,
+        default=None,
+        help="sent in `start`; default: the model's. Latency needs events, so a model that fires rarely "
+        "on the synthetic streams needs a lower one",
+    )
     parser.add_argument("--client-processes", type=int, default=3)
     parser.add_argument(
         "--compression",

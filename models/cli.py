@@ -82,6 +82,10 @@ def export(
     eval_split: Annotated[str, typer.Option(help="Held-out split for --eval-data.")] = "test",
     hop: Annotated[int, typer.Option(min=1, help="Windowed evaluation: steps between windows.")] = 16,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the held-out report here.")] = None,
+    step: Annotated[
+        bool, typer.Option("--step/--no-step", help="Also export the incremental step model beside it (x.step.onnx).")
+    ] = True,
+    chunk: Annotated[int, typer.Option(min=1, help="Step model: feature steps per call (a power of two).")] = 4,
 ) -> None:
     """Export the window model to ONNX with its model card, and check torch/onnxruntime parity.
 
@@ -137,6 +141,15 @@ def export(
         f"wrote {out} ({size:.2f} MB): window {card.window_steps}, strides {list(card.strides)}, "
         f"causal={card.causal}; torch/onnxruntime max abs diff {diff:.2e}"
     )
+    if step:
+        from models.export_step import export_step_beside
+
+        step_out, step_card, step_diff = export_step_beside(ckpt, out, chunk)
+        layout = step_card.step_model or {}
+        console.print(
+            f"wrote {step_out}: chunk {layout.get('chunk_steps')}, state {layout.get('state_size')} floats per "
+            f"stream; torch/onnxruntime max abs diff {step_diff:.2e}"
+        )
 
 
 def synth(

@@ -37,6 +37,7 @@ from service.contract.step_layout import (
     STATE_OUTPUT,
     VALID_OUTPUT,
 )
+from service.runtime.step_runtime import step_model_path
 
 OPSET = 18
 DEFAULT_CHUNK = 4
@@ -46,8 +47,7 @@ OUTPUTS = [SCORES_OUTPUT, OFFSETS_OUTPUT, VALID_OUTPUT, STATE_OUTPUT, PHASE_OUTP
 
 def step_path_for(window_path: str | Path) -> Path:
     """``models/default/x.onnx`` -> ``models/default/x.step.onnx``: where the server looks for it."""
-    p = Path(window_path)
-    return p.with_name(p.stem + ".step.onnx")
+    return step_model_path(window_path)
 
 
 def step_card(card: ModelCard, step: StepDetector) -> ModelCard:
@@ -176,6 +176,18 @@ def check_same_weights(model: Detector, window_path: str | Path, tol: float = 1e
     if diff > tol:
         raise ValueError(f"{window_path} was not exported from these weights (max score diff {diff:.2e})")
     return diff
+
+
+def export_step_beside(
+    ckpt: Checkpoint, window_path: str | Path, chunk_steps: int = DEFAULT_CHUNK
+) -> tuple[Path, ModelCard, float]:
+    """Export the step model next to a window model exported from the same checkpoint, where the
+    server looks for it (``x.onnx`` -> ``x.step.onnx``), carrying the window model's card."""
+    window_card = ModelCard.from_metadata(_metadata(window_path))
+    check_same_weights(ckpt.model, window_path)
+    out = step_path_for(window_path)
+    card, diff = export_step_checkpoint(ckpt, out, window_card.name, window_card.version, chunk_steps, window_card)
+    return out, card, diff
 
 
 def _metadata(path: str | Path) -> dict[str, str]:

@@ -61,6 +61,11 @@ def test_synth_train_export_onnxruntime_evaluate(tmp_path: Path) -> None:
     assert card.name == "e2e-tiny" and card.window_steps == 32 and card.causal
     assert "synthetic" in card.training_data and "val_smg_f1" in card.metrics
     assert {"test_smg_f1_offline", "test_smg_f1_windowed", "eval_hop_steps"} <= set(card.metrics)
+    # The incremental step model is exported beside it, carrying the same card plus its state layout.
+    step_sess = ort.InferenceSession(str(tmp_path / "tiny.step.onnx"), providers=["CPUExecutionProvider"])
+    step_card = ModelCard.from_metadata(step_sess.get_modelmeta().custom_metadata_map)
+    assert step_card.step_model is not None and step_card.step_model["chunk_steps"] == 4
+    assert step_card.architecture == card.architecture and step_card.metrics == card.metrics
     held_out = json.loads(report.read_text())["results"]
     assert set(held_out) == {"offline", "windowed"}
     assert {"smg_f1", "strict_f1", "map", "per_class_f1"} <= set(held_out["windowed"])
