@@ -91,14 +91,18 @@ def keypoints_to_frame_features(keypoints: np.ndarray) -> np.ndarray:
     """(T, 258) canonical keypoints -> (T, FRAME_DIM) body-centred, scale-normalised frame features."""
     kp = validate_keypoints(keypoints)
     t = kp.shape[0]
-    pose = kp[:, :POSE_DIM].reshape(t, POSE_LANDMARKS, 4)
-    left = kp[:, LEFT_HAND_OFFSET:RIGHT_HAND_OFFSET].reshape(t, HAND_LANDMARKS, 3)
-    right = kp[:, RIGHT_HAND_OFFSET:].reshape(t, HAND_LANDMARKS, 3)
+    present = ~np.isnan(kp)  # Inf was refused above, so NaN is the only non-finite value
+    zeroed = np.where(present, kp, np.float32(0.0))
+    pose = zeroed[:, :POSE_DIM].reshape(t, POSE_LANDMARKS, 4)
+    left = zeroed[:, LEFT_HAND_OFFSET:RIGHT_HAND_OFFSET].reshape(t, HAND_LANDMARKS, 3)
+    right = zeroed[:, RIGHT_HAND_OFFSET:].reshape(t, HAND_LANDMARKS, 3)
+    pose_seen = present[:, :POSE_DIM].reshape(t, POSE_LANDMARKS, 4)
+    left_seen = present[:, LEFT_HAND_OFFSET:RIGHT_HAND_OFFSET].reshape(t, HAND_LANDMARKS, 3)
+    right_seen = present[:, RIGHT_HAND_OFFSET:].reshape(t, HAND_LANDMARKS, 3)
 
     shoulders = pose[:, [LEFT_SHOULDER, RIGHT_SHOULDER], :2]
-    hips = np.nan_to_num(pose[:, [LEFT_HIP, RIGHT_HIP], :2])
-    pose_ok = np.isfinite(shoulders).all(axis=(1, 2))
-    shoulders = np.nan_to_num(shoulders)
+    hips = pose[:, [LEFT_HIP, RIGHT_HIP], :2]
+    pose_ok = pose_seen[:, [LEFT_SHOULDER, RIGHT_SHOULDER], :2].all(axis=(1, 2))
     origin = np.where(pose_ok[:, None], shoulders.mean(axis=1), 0.0)
     width = np.linalg.norm(shoulders[:, 0] - shoulders[:, 1], axis=-1)
     torso = np.linalg.norm(origin - hips.mean(axis=1), axis=-1)
@@ -106,18 +110,18 @@ def keypoints_to_frame_features(keypoints: np.ndarray) -> np.ndarray:
     # into large noise on distal landmarks.
     scale = np.maximum(0.5 * (width + torso / TORSO_PER_SHOULDER), MIN_SCALE)[:, None, None]
 
-    def centred(points: np.ndarray, present: np.ndarray) -> np.ndarray:
-        xy = (np.nan_to_num(points[..., :2]) - origin[:, None, :]) / scale
-        return np.where(present[:, None, None], xy, 0.0).reshape(t, -1)
+    def centred(points: np.ndarray, ok: np.ndarray) -> np.ndarray:
+        xy = (points[..., :2] - origin[:, None, :]) / scale
+        return np.where(ok[:, None, None], xy, 0.0).reshape(t, -1)
 
     # Legs are measured from the mid-hip point: their small motions (bouncing knees) would drown
     # in the scale noise multiplied by their distance from the shoulders.
-    pose_xy = np.nan_to_num(pose[..., :2]).copy()
+    pose_xy = pose[..., :2].copy()
     pose_xy[:, LEGS] += (origin - hips.mean(axis=1))[:, None, :]
 
-    left_ok = np.isfinite(left[..., :2]).all(axis=(1, 2)) & pose_ok
-    right_ok = np.isfinite(right[..., :2]).all(axis=(1, 2)) & pose_ok
-    visibility = np.where(pose_ok[:, None], np.nan_to_num(pose[..., 3]), 0.0)
+    left_ok = left_seen[..., :2].all(axis=(1, 2)) & pose_ok
+    right_ok = right_seen[..., :2].all(axis=(1, 2)) & pose_ok
+    visibility = np.where(pose_ok[:, None], pose[..., 3], 0.0)
     out = np.concatenate(
         [
             centred(pose_xy, pose_ok),
@@ -146,23 +150,34 @@ def keypoints_to_steps(keypoints: np.ndarray, spec: FeatureSpec = DEFAULT_SPEC) 
 
 
 class StepAssembler:
-    """Incremental form of :func:`keypoints_to_steps`: push frames one at a time, get steps when complete."""
+    """Incremental form of :func:`keypoints_to_steps`: push frames one at a time, get steps when complete.
+
+    Raw frames are buffered and transformed once per step: the transform's cost is mostly per call,
+    and this runs for every frame of every live stream.
+    """
 
     def __init__(self, spec: FeatureSpec = DEFAULT_SPEC) -> None:
         if not spec.is_builtin():
             raise ValueError(f"feature spec {spec.name} v{spec.version} is not produced from keypoints here")
         self.spec = spec
-        self._frames = np.zeros((spec.frames_per_step, FRAME_DIM), dtype=np.float32)
+        self._frames = np.zeros((spec.frames_per_step, KEYPOINT_DIM), dtype=np.float32)
         self._count = 0
 
     def push(self, keypoint_frame: np.ndarray) -> np.ndarray | None:
         """Add one (258,) frame; return a (feature_dim,) step when this frame completes one."""
-        self._frames[self._count] = keypoints_to_frame_features(keypoint_frame)[0]
+        frame = np.asarray(keypoint_frame)
+        if frame.shape not in ((KEYPOINT_DIM,), (1, KEYPOINT_DIM)):
+            raise ValueError(f"a keypoint frame must have shape ({KEYPOINT_DIM},), got {frame.shape}")
+        if not np.issubdtype(frame.dtype, np.floating):
+            raise ValueError(f"keypoints must be floating point, got dtype {frame.dtype}")
+        if np.isinf(frame).any():
+            raise ValueError("keypoints contain Inf; use NaN for undetected parts")
+        self._frames[self._count] = frame.reshape(-1)
         self._count += 1
         if self._count < self.spec.frames_per_step:
             return None
         self._count = 0
-        return frames_to_steps(self._frames, self.spec.frames_per_step)[0]
+        return keypoints_to_steps(self._frames, self.spec)[0]
 
     @property
     def pending_frames(self) -> int:

@@ -68,6 +68,8 @@ def decode(
     threshold = pp.score_threshold if score_threshold is None else score_threshold
     flat = scores.reshape(-1)
     candidates = np.flatnonzero(flat >= threshold)
+    if candidates.size == 0:  # the usual case between gestures: skip the rest on the hot path
+        return []
     if candidates.size > pp.pre_nms_topk:
         candidates = candidates[np.argsort(-flat[candidates], kind="stable")[: pp.pre_nms_topk]]
     anchor_idx, class_idx = np.divmod(candidates, scores.shape[1])
