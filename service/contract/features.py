@@ -41,7 +41,7 @@ FRAME_DIM = POSE_LANDMARKS * 2 + POSE_LANDMARKS + 2 * HAND_LANDMARKS * 2 + 3  # 
 MIN_SCALE = 1e-3
 
 SPEC_NAME = "mgstream-pose-kinematics"
-SPEC_VERSION = 1
+SPEC_VERSION = 2
 
 
 @dataclass(frozen=True)
