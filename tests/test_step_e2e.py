@@ -8,6 +8,7 @@ import asyncio
 import shutil
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
@@ -115,7 +116,9 @@ def test_default_model_streams_in_step_mode_exactly_like_its_batch_path(default_
     expected = offline_ends(detect_steps_step_sync(step, keypoints_to_steps(kp), step.card, step.layout))
     with run_server(default_model, tmp_path, env={"MGSTREAM_INBOUND_QUEUE_FRAMES": "100000"}) as srv:
         result = asyncio.run(stream_payloads(srv.ws, keypoint_payloads(kp)))
+        (served,) = httpx.get(f"{srv.http}/v1/models", timeout=10).json()["data"]
     assert result.of("ready")[0]["mode"] == "step"  # auto mode picks the shipped step model
+    assert served["mode"] == "step" and served["card"]["step_model"] is None  # the window card is listed
     assert result.messages[-1]["frames_dropped"] == 0
     assert expected and result.ends() == expected
     print(f"\nstep streaming = step batch path on a 60 s synthetic sequence: {len(expected)} gesture_end events")

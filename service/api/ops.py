@@ -63,7 +63,7 @@ async def models(request: Request) -> JSONResponse:
                     "id": runtime.card.name,
                     "card": json.loads(runtime.card.to_json()),
                     "provider": runtime.provider,
-                    "mode": "window",
+                    "mode": serving.mode,
                     "window_steps": serving.window_steps,
                     "hop_steps": serving.hop_steps,
                     "input_kinds": list(serving.input_kinds),

@@ -462,7 +462,7 @@ class StreamHandler:
                 ErrorMessage(
                     stream_id=s.stream_id,
                     code=ErrorCode.INFERENCE_FAILED,
-                    message=f"window ending at step {n} failed: {exc}",
+                    message=f"inference for the steps ending at {n} failed: {exc}",
                 )
             )
             return True
