@@ -60,7 +60,13 @@ def _check_io(actual: list, expected: tuple[TensorSpec, ...], what: str) -> None
 
 
 class OnnxModelRuntime(ModelRuntime):
-    """An ``InferenceSession`` built once; ``run`` is called only from the scheduler's inference thread."""
+    """An ``InferenceSession`` built once; ``run`` is called only from the scheduler's inference thread.
+
+    Subclasses serve other I/O contracts of the same card (the step model) by overriding
+    :meth:`_expected_io` and :meth:`_describe`.
+    """
+
+    kind = "model"
 
     def __init__(
         self,
@@ -73,7 +79,7 @@ class OnnxModelRuntime(ModelRuntime):
     ) -> None:
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"model file {self.path} does not exist")
+            raise FileNotFoundError(f"{self.kind} file {self.path} does not exist")
         available = ort.get_available_providers()
         wanted = [p for p in providers if p in available] or [CPU]
         options = ort.SessionOptions()
@@ -86,19 +92,27 @@ class OnnxModelRuntime(ModelRuntime):
         if require_cuda and CUDA not in self._active:
             raise ProviderError(f"CUDA is required but the session runs on {self._active}")
         self.card = ModelCard.from_metadata(self._session.get_modelmeta().custom_metadata_map)
-        self._inputs, self._outputs = expected_window_io(self.card)
+        self._inputs, self._outputs = self._expected_io()
         _check_io(self._session.get_inputs(), self._inputs, "input")
         _check_io(self._session.get_outputs(), self._outputs, "output")
         self._output_names = [spec.name for spec in self._outputs]
         self.health = RuntimeHealth(max_failures)
         log.info(
-            "model %s v%s loaded from %s on %s (asked for %s)",
+            "%s %s v%s loaded from %s on %s (asked for %s; %s)",
+            self.kind,
             self.card.name,
             self.card.version,
             self.path,
             self._active[0],
             providers,
+            self._describe(),
         )
+
+    def _expected_io(self) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+        return expected_window_io(self.card)
+
+    def _describe(self) -> str:
+        return f"window {self.card.window_steps} steps"
 
     @property
     def provider(self) -> str:

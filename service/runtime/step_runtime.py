@@ -9,11 +9,7 @@ lives and what its state looks like come from the model card (service/contract/s
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
-
-import numpy as np
-import onnxruntime as ort
 
 from service.contract.model_card import ModelCard, ModelCardError
 from service.contract.step_layout import (
@@ -27,10 +23,8 @@ from service.contract.step_layout import (
     VALID_OUTPUT,
     StepLayout,
 )
-from service.runtime.base import ModelRuntime, RuntimeHealth, TensorSpec
-from service.runtime.onnx import CPU, CUDA, ProviderError, _check_io
-
-log = logging.getLogger(__name__)
+from service.runtime.base import TensorSpec
+from service.runtime.onnx import OnnxModelRuntime
 
 
 def step_model_path(window_path: str | Path) -> Path:
@@ -57,73 +51,21 @@ def expected_step_io(card: ModelCard, layout: StepLayout) -> tuple[tuple[TensorS
     )
 
 
-class StepModelRuntime(ModelRuntime):
-    """An ``InferenceSession`` of a ``.step.onnx``; ``run`` is called only from the inference thread."""
+class StepModelRuntime(OnnxModelRuntime):
+    """An ``InferenceSession`` of a ``.step.onnx``: the window runtime's session handling, with the step
+    model's I/O (chunk, stacked per-stream state, phase) read from the card's ``step_model`` layout."""
 
-    def __init__(
-        self,
-        path: Path,
-        providers: list[str],
-        *,
-        require_cuda: bool = False,
-        intra_op_threads: int = 0,
-        max_failures: int = 3,
-    ) -> None:
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"step model file {self.path} does not exist")
-        available = ort.get_available_providers()
-        wanted = [p for p in providers if p in available] or [CPU]
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if intra_op_threads:
-            options.intra_op_num_threads = intra_op_threads
-        self._session = ort.InferenceSession(str(self.path), options, providers=wanted)
-        self._active = self._session.get_providers()
-        if require_cuda and CUDA not in self._active:
-            raise ProviderError(f"CUDA is required but the session runs on {self._active}")
-        self.card = ModelCard.from_metadata(self._session.get_modelmeta().custom_metadata_map)
+    kind = "step model"
+    layout: StepLayout
+
+    def _expected_io(self) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
         if not self.card.step_model:
             raise ModelCardError(f"{self.path} has no step_model layout in its card; not a step model")
         self.layout = StepLayout.from_dict(self.card.step_model)
-        self._inputs, self._outputs = expected_step_io(self.card, self.layout)
-        _check_io(self._session.get_inputs(), self._inputs, "input")
-        _check_io(self._session.get_outputs(), self._outputs, "output")
-        self._output_names = [spec.name for spec in self._outputs]
-        self.health = RuntimeHealth(max_failures)
-        log.info(
-            "step model %s v%s loaded from %s on %s (chunk %d, state %d floats per stream)",
-            self.card.name,
-            self.card.version,
-            self.path,
-            self._active[0],
-            self.layout.chunk_steps,
-            self.layout.state_size,
-        )
+        return expected_step_io(self.card, self.layout)
 
-    @property
-    def provider(self) -> str:
-        return self._active[0]
-
-    @property
-    def inputs(self) -> tuple[TensorSpec, ...]:
-        return self._inputs
-
-    @property
-    def outputs(self) -> tuple[TensorSpec, ...]:
-        return self._outputs
-
-    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        # As in the window runtime: ONNX Runtime's batch-of-one kernels differ in the last bits, and a
-        # stream must get the same numbers whatever it is batched with, so one stream runs as two.
-        batch = next(iter(inputs.values())).shape[0]
-        if batch == 1:
-            inputs = {name: np.concatenate([value, value]) for name, value in inputs.items()}
-        results = self._session.run(self._output_names, inputs)
-        return {name: value[:batch] for name, value in zip(self._output_names, results, strict=True)}
-
-    def close(self) -> None:
-        self._session = None  # type: ignore[assignment]
+    def _describe(self) -> str:
+        return f"chunk {self.layout.chunk_steps}, state {self.layout.state_size} floats per stream"
 
 
 def load_step_runtime(settings, window_path: Path | None = None) -> StepModelRuntime | None:  # noqa: ANN001
