@@ -55,8 +55,11 @@ def tiny_card(window_steps: int = TINY_WINDOW, strides: tuple[int, ...] = TINY_S
     )
 
 
-def build_tiny_model(path: Path, card: ModelCard | None = None) -> Path:
-    """Write the tiny detector to ``path`` and return it."""
+def build_tiny_model(path: Path, card: ModelCard | None = None, *, poison_above: float | None = None) -> Path:
+    """Write the tiny detector to ``path`` and return it.
+
+    With ``poison_above``, inference fails inside ONNX Runtime (a Reshape to an impossible shape)
+    whenever a batch holds a feature larger than that value: a real runtime failure on demand."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -128,10 +131,25 @@ def build_tiny_model(path: Path, card: ModelCard | None = None) -> Path:
         offset_parts.append(f"{a}_off")
     nodes += [
         helper.make_node("Concat", score_parts, ["logits"], axis=1),
-        helper.make_node("Sigmoid", ["logits"], ["scores"]),
+        helper.make_node("Sigmoid", ["logits"], ["scores" if poison_above is None else "clean_scores"]),
         helper.make_node("Concat", offset_parts, ["offsets"], axis=1),
     ]
     n = card.num_anchors
+    if poison_above is not None:
+        # scores = Reshape(clean, [-1, rows, C]) with rows = n (the identity) or n + 1 when the batch
+        # holds a poisoned value: B * n * C elements never fill rows of n + 1 anchors (B < n + 1).
+        const("poison_at", np.array(poison_above, dtype=np.float32))
+        const("minus_one", np.array([-1], dtype=np.int64))
+        const("anchors_n", np.array([n], dtype=np.int64))
+        const("classes_c", np.array([card.num_classes], dtype=np.int64))
+        nodes += [
+            helper.make_node("ReduceMax", ["features"], ["peak"], keepdims=0),
+            helper.make_node("Greater", ["peak", "poison_at"], ["poisoned"]),
+            helper.make_node("Cast", ["poisoned"], ["extra"], to=TensorProto.INT64),
+            helper.make_node("Add", ["anchors_n", "extra"], ["rows"]),
+            helper.make_node("Concat", ["minus_one", "rows", "classes_c"], ["shape"], axis=0),
+            helper.make_node("Reshape", ["clean_scores", "shape"], ["scores"]),
+        ]
     graph = helper.make_graph(
         nodes,
         "mgstream_tiny",
