@@ -78,7 +78,6 @@ def export_onnx(
     window_steps: int | None = None,
 ) -> Path:
     """Write a single-file ONNX (weights inlined) with the card in metadata key ``mgstream.card``."""
-    import onnx
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,7 +104,13 @@ def export_onnx(
             dynamic_shapes={"features": {0: batch}},
             verbose=False,
         )
-    proto = program.model_proto
+    return finalize_onnx(program.model_proto, card, path, "window model")
+
+
+def finalize_onnx(proto, card: ModelCard, path: str | Path, what: str) -> Path:  # noqa: ANN001 - onnx.ModelProto
+    """Strip per-node debug metadata, write the model card into the metadata, check and save."""
+    import onnx
+
     # Per-node debug metadata (stack traces) doubles the file size; the graph does not need it.
     for node in proto.graph.node:
         del node.metadata_props[:]
@@ -114,10 +119,10 @@ def export_onnx(
     for key, value in card.to_metadata().items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    proto.doc_string = f"{card.name} {card.version}: micro-gesture detector window model"
+    proto.doc_string = f"{card.name} {card.version}: micro-gesture detector {what}"
     onnx.checker.check_model(proto)
     onnx.save_model(proto, str(path))
-    return path
+    return Path(path)
 
 
 def parity_check(model: Detector, path: str | Path, batch: int = 3, seed: int = 0) -> float:

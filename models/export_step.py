@@ -83,18 +83,10 @@ def export_step_onnx(model: Detector, path: str | Path, card: ModelCard, chunk_s
             output_names=OUTPUTS,
             dynamic_axes={name: {0: "batch"} for name in INPUTS + OUTPUTS},
         )
+    from models.export import finalize_onnx
+
     proto = onnx.load_from_string(buffer.getvalue())
-    for node in proto.graph.node:  # per-node stack traces double the file size
-        del node.metadata_props[:]
-        node.doc_string = ""
-    del proto.metadata_props[:]
-    for key, value in card.to_metadata().items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    proto.doc_string = f"{card.name} {card.version}: micro-gesture detector step model (chunk {chunk_steps})"
-    onnx.checker.check_model(proto)
-    onnx.save_model(proto, str(path))
-    return path
+    return finalize_onnx(proto, card, path, f"step model (chunk {chunk_steps})")
 
 
 def step_parity_check(model: Detector, path: str | Path, chunks: int = 12, batch: int = 3, seed: int = 0) -> float:

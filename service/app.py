@@ -138,26 +138,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.step_runtime = await loop.run_in_executor(None, load_step_runtime_for, state.runtime, settings)
     step_chunk = state.step_runtime.layout.chunk_steps if state.step_runtime else None
     state.serving = resolve_serving(card, settings, kinds, step_chunk)
-    state.scheduler = Scheduler(
-        state.runtime,
-        max_batch=settings.max_batch,
-        max_wait_ms=settings.max_wait_ms,
-        buckets=list(settings.batch_buckets),
-        metrics=state.metrics,
-        on_dead=lambda reason: _on_dead(app, reason),
-    )
-    state.scheduler.start()
+    state.scheduler = _start_scheduler(app, state.runtime)
     timings = await state.scheduler.run_blocking(state.runtime.warm_up, state.scheduler.buckets)
     if state.step_runtime is not None:  # step mode: live streams go through their own scheduler
-        state.step_scheduler = Scheduler(
-            state.step_runtime,
-            max_batch=settings.max_batch,
-            max_wait_ms=settings.max_wait_ms,
-            buckets=list(settings.batch_buckets),
-            metrics=state.metrics,
-            on_dead=lambda reason: _on_dead(app, reason),
-        )
-        state.step_scheduler.start()
+        state.step_scheduler = _start_scheduler(app, state.step_runtime)
         await state.step_scheduler.run_blocking(state.step_runtime.warm_up, state.step_scheduler.buckets)
     state.featurizer_pool = FeaturizerPool(settings.pose_workers)
     state.registry = SessionRegistry(
@@ -211,6 +195,21 @@ async def drain_streams(app: FastAPI, timeout: float = 5.0) -> None:
     state.shutting_down = True
     if state.registry is not None and (len(state.registry) or state.registry.admitting):
         await state.registry.close_all(timeout=timeout)
+
+
+def _start_scheduler(app: FastAPI, runtime: ModelRuntime) -> Scheduler:
+    """One running scheduler per model runtime, with the app's limits, metrics and dead-runtime hook."""
+    settings = app.state.settings
+    scheduler = Scheduler(
+        runtime,
+        max_batch=settings.max_batch,
+        max_wait_ms=settings.max_wait_ms,
+        buckets=list(settings.batch_buckets),
+        metrics=app.state.metrics,
+        on_dead=lambda reason: _on_dead(app, reason),
+    )
+    scheduler.start()
+    return scheduler
 
 
 def _on_dead(app: FastAPI, reason: str) -> None:
