@@ -53,6 +53,37 @@ def load_avg() -> tuple[float, float, float]:
     return os.getloadavg()
 
 
+_BREAKDOWN = {  # server histograms whose mean per level tells where a frame's time goes
+    "queue_ms": "mgstream_queue_wait_seconds",
+    "infer_ms": "mgstream_inference_seconds",
+    "batch": "mgstream_batch_size",
+    "server_f2e_ms": "mgstream_frame_to_event_seconds",
+}
+
+
+def scrape(http: str) -> dict[str, float]:
+    """Sums and counts of the breakdown histograms from the server's /metrics."""
+    import httpx
+
+    values: dict[str, float] = {}
+    for line in httpx.get(f"{http}/metrics", timeout=10).text.splitlines():
+        name, _, value = line.partition(" ")
+        if name.endswith(("_sum", "_count")) and name.rsplit("_", 1)[0] in _BREAKDOWN.values():
+            values[name] = float(value)
+    return values
+
+
+def breakdown(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Mean of each breakdown histogram over the observations made between two scrapes."""
+    out = {}
+    for key, metric in _BREAKDOWN.items():
+        count = after.get(f"{metric}_count", 0) - before.get(f"{metric}_count", 0)
+        total = after.get(f"{metric}_sum", 0) - before.get(f"{metric}_sum", 0)
+        scale = 1.0 if key == "batch" else 1000.0
+        out[key] = total / count * scale if count else float("nan")
+    return out
+
+
 # ---------------------------------------------------------------- client processes
 
 
@@ -185,8 +216,11 @@ def _sweep(model: Path, mode: str, levels: list[int], args: argparse.Namespace, 
         f"clients in {args.client_processes} processes, compression {'on' if args.compression else 'off'}, "
         f"starts staggered over {args.stagger_s:g} s, score threshold {args.score_threshold or 'of the model'})"
     )
-    print("| streams | events | p50 ms | p99 ms | drop % | server CPU | client CPU | load 1m |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| streams | events | p50 ms | p99 ms | drop % | server CPU | client CPU | load 1m "
+        "| batch | queue ms | infer ms | server f2e ms |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp, run_server(model, Path(tmp), env=env) as srv:
         for n in levels:
             if time.monotonic() > deadline:
@@ -215,9 +249,10 @@ def _sweep(model: Path, mode: str, levels: list[int], args: argparse.Namespace, 
                 for g in groups
             ]
             time.sleep(max(0.0, start_wall + args.stagger_s - time.time()))
-            cpu0, t0 = cpu_seconds(srv.proc.pid), time.monotonic()
+            cpu0, t0, m0 = cpu_seconds(srv.proc.pid), time.monotonic(), scrape(srv.http)
             time.sleep(args.seconds)
             server_cores = (cpu_seconds(srv.proc.pid) - cpu0) / (time.monotonic() - t0)
+            inside = breakdown(m0, scrape(srv.http))
             la = load_avg()[0]
             parts = [j.get(timeout=setup + args.stagger_s + args.seconds + 180) for j in jobs]
             served = {m for p in parts for m in p["modes"]}
@@ -239,12 +274,14 @@ def _sweep(model: Path, mode: str, levels: list[int], args: argparse.Namespace, 
                 "server_cores": server_cores,
                 "client_cores": client_cores,
                 "load1": la,
+                **inside,
             }
             rows.append(row)
             note = f" ({incomplete} streams unfinished)" if incomplete else ""
             print(
                 f"| {n} | {lat.size} | {p50:.1f} | {p99:.1f} | {drop:.2f} | {server_cores:.2f} | "
-                f"{client_cores:.2f} | {la:.2f} |{note}",
+                f"{client_cores:.2f} | {la:.2f} | {inside['batch']:.1f} | {inside['queue_ms']:.1f} | "
+                f"{inside['infer_ms']:.1f} | {inside['server_f2e_ms']:.1f} |{note}",
                 flush=True,
             )
             if not lat.size:

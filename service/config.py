@@ -31,7 +31,10 @@ class Settings(BaseSettings):
         description="tried in order; the active one is logged",
     )
     require_cuda: bool = False
-    intra_op_threads: int = Field(0, ge=0, description="0: ONNX Runtime's default")
+    # One thread that sleeps between kernels: ONNX Runtime's default (a spinning thread per core) burns a
+    # second core for no gain on small step batches and starves the event loop (docs/benchmarks.md).
+    intra_op_threads: int = Field(1, ge=0, description="threads per ONNX session; 0: one per core")
+    intra_op_spinning: bool = Field(False, description="let idle ONNX Runtime threads spin (lower latency, more CPU)")
     batch_buckets: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
     max_runtime_failures: int = Field(3, ge=1, description="consecutive failed batches before the runtime is dead")
 
@@ -51,6 +54,9 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(2 * 1024 * 1024, ge=1024)
     max_bad_messages: int = Field(50, ge=1, description="protocol errors tolerated per stream before closing")
     status_interval_s: float = Field(1.0, gt=0)
+    # Frames are float32 keypoints or JPEG, which deflate barely shrinks; compressing every message
+    # would cost CPU on both ends for nothing, so an offer of permessage-deflate is declined by default.
+    ws_compression: bool = Field(False, description="accept permessage-deflate when a client offers it")
 
     # --- featurizers ---
     pose_workers: int = Field(2, ge=1, description="threads running MediaPipe graphs")

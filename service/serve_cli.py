@@ -58,6 +58,7 @@ def serve(
         # Messages up to max_message_bytes are read and checked (an `error` above it);
         # the protocol layer closes with 1009 beyond four times that.
         ws_max_size=4 * settings.max_message_bytes,
+        ws_per_message_deflate=settings.ws_compression,
         timeout_graceful_shutdown=10,
     )
     server = Server(config)

@@ -165,3 +165,18 @@ def test_client_that_never_reads_is_closed_with_memory_bounded(server) -> None:
     growth_mib = (rss_kib(server.proc.pid) - rss_before) / 1024
     assert growth_mib < 64, f"server grew by {growth_mib:.0f} MiB after {sent} unread errors"
     assert "4429 client does not read its events" in server.log()
+
+
+def _negotiated_extensions(url: str) -> str | None:
+    async def go() -> str | None:
+        async with websockets.connect(url, additional_headers=AUTH, compression="deflate") as ws:
+            return ws.response.headers.get("Sec-WebSocket-Extensions")
+
+    return asyncio.run(go())
+
+
+def test_compression_is_declined_unless_enabled(server, tiny_model, tmp_path: Path) -> None:
+    assert _negotiated_extensions(server.ws) is None  # binary frames: deflate would cost CPU for ~4 %
+    env = {"MGSTREAM_API_KEYS": json.dumps([KEY]), "MGSTREAM_WS_COMPRESSION": "true"}
+    with run_server(tiny_model, tmp_path, env=env) as srv:
+        assert "permessage-deflate" in (_negotiated_extensions(srv.ws) or "")

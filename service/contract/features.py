@@ -89,50 +89,44 @@ def validate_keypoints(keypoints: np.ndarray) -> np.ndarray:
 
 def keypoints_to_frame_features(keypoints: np.ndarray) -> np.ndarray:
     """(T, 258) canonical keypoints -> (T, FRAME_DIM) body-centred, scale-normalised frame features."""
+    # Written as few whole-array operations: this runs for every step of every live stream, and on
+    # a handful of frames numpy's cost is per call, not per element.
     kp = validate_keypoints(keypoints)
     t = kp.shape[0]
     present = ~np.isnan(kp)  # Inf was refused above, so NaN is the only non-finite value
     zeroed = np.where(present, kp, np.float32(0.0))
     pose = zeroed[:, :POSE_DIM].reshape(t, POSE_LANDMARKS, 4)
-    left = zeroed[:, LEFT_HAND_OFFSET:RIGHT_HAND_OFFSET].reshape(t, HAND_LANDMARKS, 3)
-    right = zeroed[:, RIGHT_HAND_OFFSET:].reshape(t, HAND_LANDMARKS, 3)
+    hands = zeroed[:, POSE_DIM:].reshape(t, 2 * HAND_LANDMARKS, 3)
     pose_seen = present[:, :POSE_DIM].reshape(t, POSE_LANDMARKS, 4)
-    left_seen = present[:, LEFT_HAND_OFFSET:RIGHT_HAND_OFFSET].reshape(t, HAND_LANDMARKS, 3)
-    right_seen = present[:, RIGHT_HAND_OFFSET:].reshape(t, HAND_LANDMARKS, 3)
+    hands_seen = present[:, POSE_DIM:].reshape(t, 2, HAND_LANDMARKS, 3)[..., :2].all(axis=(2, 3))  # (T, 2)
 
-    shoulders = pose[:, [LEFT_SHOULDER, RIGHT_SHOULDER], :2]
-    hips = pose[:, [LEFT_HIP, RIGHT_HIP], :2]
-    pose_ok = pose_seen[:, [LEFT_SHOULDER, RIGHT_SHOULDER], :2].all(axis=(1, 2))
-    origin = np.where(pose_ok[:, None], shoulders.mean(axis=1), 0.0)
-    width = np.linalg.norm(shoulders[:, 0] - shoulders[:, 1], axis=-1)
-    torso = np.linalg.norm(origin - hips.mean(axis=1), axis=-1)
+    pose_ok = pose_seen[:, LEFT_SHOULDER : RIGHT_SHOULDER + 1, :2].all(axis=(1, 2))
+    origin = np.where(pose_ok[:, None], (pose[:, LEFT_SHOULDER, :2] + pose[:, RIGHT_SHOULDER, :2]) / 2, 0.0)
+    hip_mid = (pose[:, LEFT_HIP, :2] + pose[:, RIGHT_HIP, :2]) / 2
+    across = pose[:, LEFT_SHOULDER, :2] - pose[:, RIGHT_SHOULDER, :2]
+    down = origin - hip_mid
+    width = np.sqrt((across * across).sum(axis=-1))
+    torso = np.sqrt((down * down).sum(axis=-1))
     # Two body lengths averaged: a per-frame scale from one short segment turns tracking jitter
     # into large noise on distal landmarks.
     scale = np.maximum(0.5 * (width + torso / TORSO_PER_SHOULDER), MIN_SCALE)[:, None, None]
 
-    def centred(points: np.ndarray, ok: np.ndarray) -> np.ndarray:
-        xy = (points[..., :2] - origin[:, None, :]) / scale
-        return np.where(ok[:, None, None], xy, 0.0).reshape(t, -1)
-
+    # All 75 x/y points at once: pose, left hand, right hand.
+    xy = np.concatenate([pose[..., :2], hands[..., :2]], axis=1)
     # Legs are measured from the mid-hip point: their small motions (bouncing knees) would drown
     # in the scale noise multiplied by their distance from the shoulders.
-    pose_xy = pose[..., :2].copy()
-    pose_xy[:, LEGS] += (origin - hips.mean(axis=1))[:, None, :]
+    xy[:, LEGS] += down[:, None, :]
+    flags = np.concatenate([pose_ok[:, None], hands_seen & pose_ok[:, None]], axis=1)  # pose, left, right
+    ok = np.repeat(flags, [POSE_LANDMARKS, HAND_LANDMARKS, HAND_LANDMARKS], axis=1)  # (T, 75)
+    centred = np.where(ok[..., None], (xy - origin[:, None, :]) / scale, 0.0).reshape(t, -1)
 
-    left_ok = left_seen[..., :2].all(axis=(1, 2)) & pose_ok
-    right_ok = right_seen[..., :2].all(axis=(1, 2)) & pose_ok
-    visibility = np.where(pose_ok[:, None], pose[..., 3], 0.0)
-    out = np.concatenate(
-        [
-            centred(pose_xy, pose_ok),
-            visibility,
-            centred(left, left_ok),
-            centred(right, right_ok),
-            np.stack([pose_ok, left_ok, right_ok], axis=1).astype(np.float32),
-        ],
-        axis=1,
-    )
-    return out.astype(np.float32)
+    pose_xy_dim = POSE_LANDMARKS * 2
+    out = np.empty((t, FRAME_DIM), dtype=np.float32)
+    out[:, :pose_xy_dim] = centred[:, :pose_xy_dim]
+    out[:, pose_xy_dim : pose_xy_dim + POSE_LANDMARKS] = np.where(pose_ok[:, None], pose[..., 3], 0.0)
+    out[:, pose_xy_dim + POSE_LANDMARKS : -3] = centred[:, pose_xy_dim:]
+    out[:, -3:] = flags
+    return out
 
 
 def frames_to_steps(frame_features: np.ndarray, frames_per_step: int) -> np.ndarray:

@@ -121,7 +121,7 @@ class ClipBackbone:
     """An ONNX Runtime session over a clip model, with its config, output dim and active provider."""
 
     def __init__(self, path: str | Path, *, providers: list[str] | None = None, overrides: dict | None = None,
-                 require_cuda: bool = False, intra_op_threads: int = 0) -> None:
+                 require_cuda: bool = False, intra_op_threads: int = 0, intra_op_spinning: bool = True) -> None:
         import onnxruntime as ort
 
         path = Path(path)
@@ -131,6 +131,7 @@ class ClipBackbone:
         opts.log_severity_level = 3
         if intra_op_threads:
             opts.intra_op_num_threads = intra_op_threads
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if intra_op_spinning else "0")
         wanted = providers or ["CUDAExecutionProvider", "CPUExecutionProvider"]
         available = ort.get_available_providers()
         usable = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
@@ -362,7 +363,8 @@ def create_clip_batcher(settings, feature_dim: int | None = None) -> ClipBatcher
         return None
     backbone = ClipBackbone(settings.clip_backbone_path, providers=list(settings.providers),
                             overrides=dict(settings.clip_config), require_cuda=settings.require_cuda,
-                            intra_op_threads=settings.intra_op_threads)
+                            intra_op_threads=settings.intra_op_threads,
+                            intra_op_spinning=settings.intra_op_spinning)
     if feature_dim is not None:
         backbone.check_feature_dim(feature_dim)
     return ClipBatcher(backbone, max_batch=settings.clip_max_batch, max_wait_ms=settings.clip_max_wait_ms)

@@ -75,6 +75,7 @@ class OnnxModelRuntime(ModelRuntime):
         *,
         require_cuda: bool = False,
         intra_op_threads: int = 0,
+        intra_op_spinning: bool = True,
         max_failures: int = 3,
     ) -> None:
         self.path = Path(path)
@@ -86,6 +87,7 @@ class OnnxModelRuntime(ModelRuntime):
         options.log_severity_level = 3  # a missing CUDA library is expected on CPU hosts; we log our own line
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if intra_op_spinning else "0")
         self._session = ort.InferenceSession(str(self.path), options, providers=wanted)
         # get_available_providers() lists CUDA even when its libraries are missing: trust only the session.
         self._active = self._session.get_providers()
@@ -148,5 +150,6 @@ def load_runtime(settings) -> OnnxModelRuntime:  # noqa: ANN001 - service.config
         list(settings.providers),
         require_cuda=settings.require_cuda,
         intra_op_threads=settings.intra_op_threads,
+        intra_op_spinning=settings.intra_op_spinning,
         max_failures=settings.max_runtime_failures,
     )

@@ -85,4 +85,5 @@ def load_step_runtime(settings, window_path: Path | None = None) -> StepModelRun
         list(settings.providers),
         require_cuda=getattr(settings, "require_cuda", False),
         intra_op_threads=getattr(settings, "intra_op_threads", 0),
+        intra_op_spinning=getattr(settings, "intra_op_spinning", True),
     )
