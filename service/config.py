@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     # --- scheduler ---
     max_batch: int = Field(32, ge=1, le=1024)
     max_wait_ms: float = Field(5.0, ge=0, le=1000)
+    gil_switch_interval_ms: float = Field(
+        0.5, gt=0, le=100, description="Python's thread switch interval in `serve` (its default is 5 ms)"
+    )
     mode: str = Field("auto", pattern="^(auto|window|step)$", description="step when the model has a step export")
     hop_steps: int | None = Field(None, ge=1, description="window-mode hop; default from the model card")
     window_steps: int | None = Field(None, ge=1, description="window length; default from the model card")

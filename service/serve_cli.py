@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -41,6 +42,10 @@ def serve(
         "api_keys": list(api_key) if api_key else None,
     }
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    # The inference and featurizer threads spend their time in native code without the GIL and need
+    # it back only briefly; the default 5 ms switch interval makes each of them wait that long behind
+    # a busy event loop, twice per batch (docs/benchmarks.md).
+    sys.setswitchinterval(settings.gil_switch_interval_ms / 1000.0)
     setup_logging(settings.log_level)
     app = create_app(settings)
 

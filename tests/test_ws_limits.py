@@ -175,8 +175,19 @@ def _negotiated_extensions(url: str) -> str | None:
     return asyncio.run(go())
 
 
-def test_compression_is_declined_unless_enabled(server, tiny_model, tmp_path: Path) -> None:
+def _threads(server) -> dict:
+    return httpx.get(f"{server.http}/v1/models", headers=AUTH, timeout=10).json()["data"][0]["threads"]
+
+
+def test_compression_and_threading_follow_the_settings(server, tiny_model, tmp_path: Path) -> None:
     assert _negotiated_extensions(server.ws) is None  # binary frames: deflate would cost CPU for ~4 %
-    env = {"MGSTREAM_API_KEYS": json.dumps([KEY]), "MGSTREAM_WS_COMPRESSION": "true"}
+    assert _threads(server) == {"intra_op": 1, "intra_op_spinning": False, "gil_switch_interval_ms": 0.5}
+    env = {
+        "MGSTREAM_API_KEYS": json.dumps([KEY]),
+        "MGSTREAM_WS_COMPRESSION": "true",
+        "MGSTREAM_INTRA_OP_THREADS": "2",
+        "MGSTREAM_GIL_SWITCH_INTERVAL_MS": "2",
+    }
     with run_server(tiny_model, tmp_path, env=env) as srv:
         assert "permessage-deflate" in (_negotiated_extensions(srv.ws) or "")
+        assert _threads(srv) == {"intra_op": 2, "intra_op_spinning": False, "gil_switch_interval_ms": 2.0}

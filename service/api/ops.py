@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
@@ -68,6 +69,11 @@ async def models(request: Request) -> JSONResponse:
                     "hop_steps": serving.hop_steps,
                     "input_kinds": list(serving.input_kinds),
                     "batch_buckets": state.scheduler.buckets if state.scheduler else [],
+                    "threads": {
+                        "intra_op": state.settings.intra_op_threads,
+                        "intra_op_spinning": state.settings.intra_op_spinning,
+                        "gil_switch_interval_ms": round(sys.getswitchinterval() * 1000, 6),
+                    },
                 }
             ]
         }
