@@ -87,18 +87,25 @@ def breakdown(before: dict[str, float], after: dict[str, float]) -> dict[str, fl
 # ---------------------------------------------------------------- client processes
 
 
-def _payloads(seed: int, frames: int) -> list[bytes]:
+def _payloads(seed: int, frames: int, per_message: int) -> list[tuple[int, bytes] | None]:
+    """Entry k: (first frame, message) sent at frame k (the message ends with frame k), or None when
+    frame k waits for the rest of its group."""
     from models.synth import generate_sequence
 
     kp, _ = generate_sequence(seed=seed, num_frames=frames)
-    return [pack_frame(i, i / 30.0, f.astype("<f4").tobytes()) for i, f in enumerate(kp)]
+    out: list[tuple[int, bytes] | None] = [None] * frames
+    for first in range(0, frames, per_message):
+        group = kp[first : first + per_message]
+        message = pack_frame(first, first / 30.0, group.astype("<f4").tobytes(), len(group))
+        out[first + len(group) - 1] = (first, message)
+    return out
 
 
 class _Client:
     """One stream: its frames, send times and the latencies of the events it received."""
 
-    def __init__(self, seed: int, frames: int) -> None:
-        self.payloads = _payloads(seed, frames)
+    def __init__(self, seed: int, frames: int, per_message: int) -> None:
+        self.payloads = _payloads(seed, frames, per_message)
         self.sent_at = np.zeros(frames)
         self.latencies: list[tuple[float, float]] = []  # (send time of the deciding frame, latency)
         self.ended: dict = {}
@@ -156,12 +163,13 @@ async def _group(
     fps: float,
     compression: bool,
     threshold: float | None,
+    per_message: int,
 ) -> dict:
     """Stream ``ids`` (of ``n`` streams in all) from one process; stream j starts ``stagger * j / n`` s in,
     all end together; latencies, server and client CPU count only the last ``seconds`` (all streams on)."""
     total_ticks = int((stagger + seconds) * fps) * PHASE_SLOTS
     first = {i: int(stagger * fps * PHASE_SLOTS * i / n) for i in ids}  # start tick of each stream
-    clients = {i: _Client(i, -(-(total_ticks - first[i]) // PHASE_SLOTS)) for i in ids}
+    clients = {i: _Client(i, -(-(total_ticks - first[i]) // PHASE_SLOTS), per_message) for i in ids}
     gate = asyncio.Semaphore(16)  # handshakes in flight per process
 
     async def open_one(c: _Client) -> None:
@@ -184,8 +192,10 @@ async def _group(
         for start, c in slots[tick % PHASE_SLOTS]:
             if tick >= start:
                 k = (tick - start) // PHASE_SLOTS
-                c.sent_at[k] = time.perf_counter()
-                await c.ws.send(c.payloads[k])
+                if c.payloads[k] is not None:
+                    first_frame, message = c.payloads[k]
+                    c.sent_at[first_frame : k + 1] = time.perf_counter()
+                    await c.ws.send(message)
     cpu1 = time.process_time()
     await asyncio.gather(*(c.finish(60.0) for c in clients.values()))
     done = list(clients.values())
@@ -213,7 +223,8 @@ def _sweep(model: Path, mode: str, levels: list[int], args: argparse.Namespace, 
     env = {"MGSTREAM_MODE": mode, "MGSTREAM_MAX_SESSIONS": "4096", "MGSTREAM_LOG_LEVEL": "warning"}
     print(
         f"\n## Live keypoint streams, {mode} mode ({args.seconds:g} s per level, {args.fps:g} fps, "
-        f"clients in {args.client_processes} processes, compression {'on' if args.compression else 'off'}, "
+        f"{args.frames_per_message} frame(s) per message, clients in {args.client_processes} processes, "
+        f"compression {'offered' if args.compression else 'off'}, "
         f"starts staggered over {args.stagger_s:g} s, score threshold {args.score_threshold or 'of the model'})"
     )
     print(
@@ -243,6 +254,7 @@ def _sweep(model: Path, mode: str, levels: list[int], args: argparse.Namespace, 
                             args.fps,
                             args.compression,
                             args.score_threshold,
+                            args.frames_per_message,
                         ),
                     ),
                 )
@@ -415,6 +427,12 @@ def main() -> None:
         default=None,
         help="sent in `start`; default: the model's. Latency needs events, so a model that fires rarely "
         "on the synthetic streams needs a lower one",
+    )
+    parser.add_argument(
+        "--frames-per-message",
+        type=int,
+        default=1,
+        help="keypoint frames per WebSocket message; 4 sends each step's frames together, when its last is due",
     )
     parser.add_argument("--client-processes", type=int, default=3)
     parser.add_argument(

@@ -348,29 +348,30 @@ class Stream:
     def connected(self) -> bool:
         return self._connected.is_set()
 
-    async def send(self, payload: bytes, timestamp: float | None = None) -> int | None:
-        """Send one media message (header + payload). Returns its seq, or None when dropped while
-        reconnecting (live semantics: stale frames are worth nothing after a reconnect)."""
+    async def send(self, payload: bytes, timestamp: float | None = None, frames: int = 1) -> int | None:
+        """Send one media message (header + payload) holding ``frames`` frames. Returns the seq of its
+        first frame, or None when dropped while reconnecting (live semantics: stale frames are worth
+        nothing after a reconnect)."""
         if self._end_sent or self._closing:
             raise StreamError("stream already ended")
         if not self._connected.is_set():
             if self.reconnect is not None and self._reader is not None and not self._reader.done():
-                self.frames_dropped_local += 1
+                self.frames_dropped_local += frames
                 return None
             raise StreamClosed(self.close_code, self.close_reason or "not connected")
         seq = self._seq
         ws = self._ws
         assert ws is not None
         try:
-            await ws.send(pack_frame(seq, time.time() if timestamp is None else timestamp, payload))
+            await ws.send(pack_frame(seq, time.time() if timestamp is None else timestamp, payload, frames))
         except ConnectionClosed as exc:
             if self.reconnect is not None:
-                self.frames_dropped_local += 1
+                self.frames_dropped_local += frames
                 return None
             code, reason = _close_info(exc)
             raise StreamClosed(code, reason) from exc
-        self._seq += 1
-        self.frames_sent += 1
+        self._seq += frames
+        self.frames_sent += frames
         return seq
 
     def _require(self, *kinds: str) -> None:
@@ -393,16 +394,20 @@ class Stream:
         return await self.send(encode_image(bgr, self.input, jpeg_quality), timestamp)
 
     async def send_keypoints(self, keypoints: np.ndarray, timestamp: float | None = None) -> int | None:
-        """One canonical keypoint frame: float32[258] (NaN = undetected)."""
+        """Canonical keypoint frames: float32[258] for one, (n, 258) for n in one message (NaN =
+        undetected). Sending a step's frames (``frames_per_step`` in ``ready``) together adds no
+        latency: the server scores a step only once its last frame is in."""
         self._require(InputKind.KEYPOINTS)
         dim = self.ready.keypoint_dim if self.ready else KEYPOINT_DIM
-        return await self.send(_as_vector(keypoints, dim, "keypoints"), timestamp)
+        payload, frames = _as_rows(keypoints, dim, "keypoints")
+        return await self.send(payload, timestamp, frames)
 
-    async def send_features(self, step: np.ndarray, timestamp: float | None = None) -> int | None:
-        """One feature step: float32[feature_dim] from the ``ready`` message."""
+    async def send_features(self, steps: np.ndarray, timestamp: float | None = None) -> int | None:
+        """Feature steps: float32[feature_dim] from the ``ready`` message, or (n, feature_dim)."""
         self._require(InputKind.FEATURES)
         assert self.ready is not None
-        return await self.send(_as_vector(step, self.ready.feature_dim, "features"), timestamp)
+        payload, frames = _as_rows(steps, self.ready.feature_dim, "features")
+        return await self.send(payload, timestamp, frames)
 
     # ---- events and ending ----
 
@@ -538,11 +543,12 @@ def encode_image(bgr: np.ndarray, kind: str = "jpeg", jpeg_quality: int = 80) ->
     return buf.tobytes()
 
 
-def _as_vector(values: np.ndarray, dim: int, what: str) -> bytes:
-    vec = np.asarray(values, dtype="<f4").reshape(-1)
-    if vec.size != dim:
-        raise ValueError(f"{what} must have {dim} values, got {vec.size}")
-    return vec.tobytes()
+def _as_rows(values: np.ndarray, dim: int, what: str) -> tuple[bytes, int]:
+    """(dim,) or (n, dim) values -> little-endian float32 bytes and n."""
+    arr = np.asarray(values, dtype="<f4")
+    if arr.ndim not in (1, 2) or arr.shape[-1] != dim or arr.size == 0:
+        raise ValueError(f"{what} must have shape ({dim},) or (n, {dim}), got {arr.shape}")
+    return arr.tobytes(), 1 if arr.ndim == 1 else arr.shape[0]
 
 
 def _parse(raw: str | bytes) -> ServerEvent:

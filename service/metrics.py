@@ -16,7 +16,7 @@ class Metrics:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.sessions_active = Gauge("mgstream_sessions_active", "Open streaming sessions", registry=r)
         self.rejections = Counter("mgstream_rejections_total", "Refused streams", ["reason"], registry=r)
-        self.frames = Counter("mgstream_frames_total", "Media messages received", registry=r)
+        self.frames = Counter("mgstream_frames_total", "Media frames received", registry=r)
         self.frames_dropped = Counter("mgstream_frames_dropped_total", "Frames not processed", ["reason"], registry=r)
         self.errors = Counter("mgstream_errors_total", "Errors by kind", ["kind"], registry=r)
         self.events = Counter("mgstream_events_total", "Events sent", ["type"], registry=r)

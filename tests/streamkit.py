@@ -362,8 +362,12 @@ async def stream_payloads(
     pace: bool = False,
     start: dict | None = None,
     headers: dict | None = None,
+    frames_per_message: int = 1,
 ) -> StreamResult:
-    """One client: start, every payload with its header (optionally at real-time pace), end, read all."""
+    """One client: start, every payload with its header (optionally at real-time pace), end, read all.
+
+    ``frames_per_message`` > 1 joins that many consecutive payloads (keypoint frames or feature
+    steps) into one message, sent when its last frame is due."""
     import asyncio
     import json
 
@@ -375,12 +379,13 @@ async def stream_payloads(
         await ws.send(json.dumps({"type": "start", "input": input_kind, "fps": fps, **(start or {})}))
         reader = asyncio.ensure_future(read_all(ws))
         t0 = time.monotonic()
-        for i, payload in enumerate(payloads):
+        for i in range(0, len(payloads), frames_per_message):
+            group = payloads[i : i + frames_per_message]
             if pace:
-                delay = t0 + i / fps - time.monotonic()
+                delay = t0 + (i + len(group) - 1) / fps - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
-            await ws.send(pack_frame(i, i / fps, payload))
+            await ws.send(pack_frame(i, i / fps, b"".join(group), len(group)))
         await ws.send(json.dumps({"type": "end"}))
         messages, code, reason = await asyncio.wait_for(reader, 120)
     return StreamResult(messages, code, reason)

@@ -145,6 +145,30 @@ def test_async_client_streams_keypoints_and_gets_events(server, keypoints: np.nd
     assert isinstance(events[-1], EndedMessage)
 
 
+def test_async_client_sends_a_steps_frames_in_one_message(server, keypoints: np.ndarray) -> None:
+    async def run() -> tuple[list, list, EndedMessage | None]:
+        async with connect(server.http, input="keypoints", fps=FPS) as stream:
+            assert stream.ready is not None
+            per = stream.ready.frames_per_step
+            pacer = _Pacer(SEND_RATE / per)
+            seqs = []
+            for i in range(0, len(keypoints), per):
+                seqs.append(await stream.send_keypoints(keypoints[i : i + per]))
+                await asyncio.sleep(pacer.delay())
+            assert stream.frames_sent == len(keypoints)
+            ended = await stream.end()
+            return seqs, [e async for e in stream], ended
+
+    seqs, events, ended = asyncio.run(run())
+    assert seqs == list(range(0, len(keypoints), 4))  # each message's seq is its first frame's
+    assert ended is not None and ended.frames_received == N_FRAMES and ended.frames_dropped == 0
+    one_by_one, _ = asyncio.run(_stream_keypoints(server.http, keypoints))
+    assert [e.model_dump(exclude={"stream_id"}) for e in _ends(events)] == [
+        e.model_dump(exclude={"stream_id"}) for e in _ends(one_by_one)
+    ]
+    _assert_found_the_gestures(_ends(events))
+
+
 def test_sync_client_polls_while_sending(server, keypoints: np.ndarray) -> None:
     seen = []
     with connect_sync(server.ws, input="keypoints", fps=FPS, status_every_s=0.2) as stream:
@@ -163,8 +187,10 @@ def test_sync_client_polls_while_sending(server, keypoints: np.ndarray) -> None:
 def test_client_side_validation(server) -> None:
     async def run() -> None:
         async with connect(server.http, input="keypoints") as stream:
-            with pytest.raises(ValueError, match="258 values"):
+            with pytest.raises(ValueError, match=r"shape \(258,\) or \(n, 258\)"):
                 await stream.send_keypoints(np.zeros(10, np.float32))
+            with pytest.raises(ValueError, match=r"got \(2, 3, 258\)"):
+                await stream.send_keypoints(np.zeros((2, 3, 258), np.float32))
             with pytest.raises(ValueError, match="input='keypoints'"):
                 await stream.send_jpeg(b"\xff\xd8")
             assert stream.frames_sent == 0

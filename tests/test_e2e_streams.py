@@ -63,6 +63,21 @@ def test_concurrent_realtime_clients_each_get_exactly_their_own_events(server, t
     assert server.metric("mgstream_batch_size_count") > 0
 
 
+@pytest.mark.parametrize("frames_per_message", [4, 7])
+def test_several_keypoint_frames_per_message_give_the_same_events(server, tiny_runtime, frames_per_message) -> None:
+    """A step's frames sent together (4) or groups that straddle steps (7): the same events as one
+    frame per message, every frame counted."""
+    kp = client_sequence(3)
+    result = asyncio.run(
+        stream_payloads(server.ws, keypoint_payloads(kp), pace=True, frames_per_message=frames_per_message)
+    )
+    assert result.of("error") == []
+    end = result.messages[-1]
+    assert end["type"] == "end" and end["frames_received"] == end["frames_processed"] == FRAMES
+    expected = offline_ends(detect_steps_sync(tiny_runtime, keypoints_to_steps(kp), tiny_runtime.card))
+    assert expected and result.ends() == expected
+
+
 def test_jpeg_frames_through_the_pose_featurizer(server, tiny_runtime) -> None:
     from skimage import data
 

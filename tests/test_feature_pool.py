@@ -27,13 +27,13 @@ class SlowKeypoints(KeypointPassthrough):
         self.overlapped = False
         self.closed = False
 
-    def push_payload(self, payload):
+    def push_payload(self, payload, frames=1):
         self.inside += 1
         self.overlapped |= self.inside > 1
         self.threads.add(threading.current_thread().name)
         time.sleep(0.002)  # holds the worker long enough for others to try to enter
         try:
-            return super().push_payload(payload)
+            return super().push_payload(payload, frames)
         finally:
             self.inside -= 1
 

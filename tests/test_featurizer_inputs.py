@@ -116,6 +116,29 @@ def test_keypoint_passthrough_matches_the_offline_transform():
     np.testing.assert_array_equal(np.stack(steps), keypoints_to_steps(kp))
 
 
+def test_keypoint_frames_grouped_in_any_way_give_the_same_steps():
+    kp = _keypoints(23)
+    expected = keypoints_to_steps(kp)
+    for sizes in ([4] * 5 + [3], [7, 7, 7, 2], [1, 2, 3, 5, 8, 4], [23]):
+        feat, steps, at = KeypointPassthrough(), [], 0
+        for n in sizes:
+            steps += feat.push_payload(kp[at : at + n].astype("<f4").tobytes(), n)
+            at += n
+        assert at == len(kp) and len(steps) == len(expected), sizes
+        np.testing.assert_array_equal(np.stack(steps), expected)
+
+
+def test_feature_steps_several_per_message():
+    steps = np.arange(48, dtype="<f4").reshape(3, 16)
+    out = FeaturePassthrough(16).push_payload(steps.tobytes(), 3)
+    np.testing.assert_array_equal(np.stack(out), steps)
+    steps[2, 5] = np.nan
+    with pytest.raises(FrameError, match="NaN at step 2 of 3 in this message, index 5"):
+        FeaturePassthrough(16).push_payload(steps.tobytes(), 3)
+    with pytest.raises(FrameError, match="must be 128 bytes"):
+        FeaturePassthrough(16).push_payload(steps.tobytes(), 2)
+
+
 @pytest.mark.parametrize(
     ("payload", "message"),
     [

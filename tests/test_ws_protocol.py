@@ -120,6 +120,13 @@ def test_every_bad_message_gets_an_error_and_the_stream_goes_on(server, tiny_run
             inf = keypoints[0].copy()
             inf[5] = np.inf
             await _send_and_expect(ws, pack_frame(8, 0.0, inf.astype("<f4").tobytes()), ErrorCode.BAD_FRAME)
+            # Several frames in one message: the size must match the header's count, Inf is located.
+            two = good[0] + good[1]
+            reply = await _send_and_expect(ws, pack_frame(20, 0.0, two, frames=3), ErrorCode.BAD_FRAME)
+            assert reply["seq"] == 20 and "3096 bytes (3 x 258" in reply["message"]
+            three = np.stack([keypoints[0], inf, keypoints[1]]).astype("<f4").tobytes()
+            reply = await _send_and_expect(ws, pack_frame(21, 0.0, three, frames=3), ErrorCode.BAD_FRAME)
+            assert "frame 1 of 3 in this message, index 5" in reply["message"]
             await _send_and_expect(ws, pack_frame(9, 0.0, b"\0" * (MAX_BYTES + 1)), ErrorCode.TOO_BIG)
             # The stream is intact: the real frames give exactly the offline events.
             for i, payload in enumerate(good):
@@ -132,6 +139,21 @@ def test_every_bad_message_gets_an_error_and_the_stream_goes_on(server, tiny_run
     assert ends == expected(tiny_runtime, keypoints)
     final = messages[-1]
     assert final["type"] == "end" and final["frames_processed"] == len(good)
+    assert code == CloseCode.NORMAL
+
+
+def test_images_are_one_per_message(server) -> None:
+    async def main():
+        async with websockets.connect(server.ws) as ws:
+            await ws.send(json.dumps({"type": "start", "input": "jpeg"}))
+            assert json.loads(await ws.recv())["type"] == "ready"
+            reply = await _send_and_expect(ws, pack_frame(3, 0.0, b"\xff\xd8" * 8, frames=2), ErrorCode.BAD_HEADER)
+            assert reply["seq"] == 3 and "jpeg messages carry one" in reply["message"]
+            await ws.send(json.dumps({"type": "end"}))
+            return await read_all(ws)
+
+    messages, code, _ = asyncio.run(main())
+    assert messages[-1]["type"] == "end" and messages[-1]["frames_received"] == 0
     assert code == CloseCode.NORMAL
 
 
@@ -176,3 +198,15 @@ def test_ops_endpoints(server) -> None:
         "mgstream_runtime_up 1.0",
     ):
         assert name in text
+
+
+def test_header_frame_count_round_trips_and_zero_reads_as_one() -> None:
+    from service.api.protocol import HEADER_SIZE, unpack_header
+
+    seq, ts, frames, payload = unpack_header(pack_frame(5, 1.5, b"abcd" * 3, frames=3))
+    assert (seq, ts, frames, bytes(payload)) == (5, 1.5, 3, b"abcd" * 3)
+    legacy = struct.pack("<BBHId", 1, 0, 0, 6, 2.0) + b"x"  # the field was reserved and zero
+    assert unpack_header(legacy)[2] == 1 and len(legacy) == HEADER_SIZE + 1
+    for bad in (0, 70_000):
+        with pytest.raises(ValueError, match="frames per message"):
+            pack_frame(0, 0.0, b"", frames=bad)

@@ -15,16 +15,19 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 PROTOCOL_VERSION = 1
 
 # Binary media message: fixed little-endian header, then the payload.
-#   u8 version | u8 reserved | u16 reserved | u32 seq | f64 capture timestamp (seconds)
+#   u8 version | u8 reserved | u16 frames | u32 seq | f64 capture timestamp (seconds)
+# `frames`: keypoint frames or feature steps in the payload (0 reads as 1, so a zeroed field is one
+# frame); images are always one. `seq` and the timestamp are those of the first frame.
 HEADER = struct.Struct("<BBHId")
 HEADER_SIZE = HEADER.size  # 16 bytes
+MAX_FRAMES_PER_MESSAGE = 0xFFFF
 
 
 class InputKind:
     JPEG = "jpeg"
     PNG = "png"
-    KEYPOINTS = "keypoints"  # float32[258] little-endian, canonical MediaPipe Holistic layout
-    FEATURES = "features"  # float32[feature_dim] little-endian, one feature step per message
+    KEYPOINTS = "keypoints"  # float32[n, 258] little-endian, canonical MediaPipe Holistic layout
+    FEATURES = "features"  # float32[n, feature_dim] little-endian, n feature steps
 
 
 class CloseCode(IntEnum):
@@ -56,22 +59,25 @@ class ErrorCode:
     INTERNAL = "internal"
 
 
-def pack_header(seq: int, timestamp: float) -> bytes:
-    return HEADER.pack(PROTOCOL_VERSION, 0, 0, seq & 0xFFFFFFFF, float(timestamp))
+def pack_header(seq: int, timestamp: float, frames: int = 1) -> bytes:
+    if not 1 <= frames <= MAX_FRAMES_PER_MESSAGE:
+        raise ValueError(f"frames per message must be in 1..{MAX_FRAMES_PER_MESSAGE}, got {frames}")
+    return HEADER.pack(PROTOCOL_VERSION, 0, frames, seq & 0xFFFFFFFF, float(timestamp))
 
 
-def unpack_header(message: bytes) -> tuple[int, float, memoryview]:
-    """Split a binary message into (seq, timestamp, payload); ValueError on a bad header."""
+def unpack_header(message: bytes) -> tuple[int, float, int, memoryview]:
+    """Split a binary message into (seq, timestamp, frames, payload); ValueError on a bad header."""
     if len(message) < HEADER_SIZE:
         raise ValueError(f"binary message of {len(message)} bytes is shorter than the {HEADER_SIZE}-byte header")
-    version, _, _, seq, ts = HEADER.unpack_from(message)
+    version, _, frames, seq, ts = HEADER.unpack_from(message)
     if version != PROTOCOL_VERSION:
         raise ValueError(f"header version {version} is not {PROTOCOL_VERSION}")
-    return seq, ts, memoryview(message)[HEADER_SIZE:]
+    return seq, ts, max(frames, 1), memoryview(message)[HEADER_SIZE:]
 
 
-def pack_frame(seq: int, timestamp: float, payload: bytes) -> bytes:
-    return pack_header(seq, timestamp) + payload
+def pack_frame(seq: int, timestamp: float, payload: bytes, frames: int = 1) -> bytes:
+    """A media message; ``frames`` > 1 when the payload holds that many keypoint frames or feature steps."""
+    return pack_header(seq, timestamp, frames) + payload
 
 
 class _Message(BaseModel):

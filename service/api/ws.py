@@ -3,7 +3,8 @@
 One connection runs four tasks that share only its :class:`StreamSession`:
 
 - receiver: reads messages, answers bad ones with ``error`` (the stream goes on), queues frames
-  (live policy: the oldest frame is dropped when the inbound queue is full);
+  (a keypoint or feature message may carry several; live policy: the oldest frames are dropped
+  when the inbound queue is full);
 - worker: featurizes frames (blocking featurizers in the worker pool), appends steps to the ring,
   and at every hop submits the window to the scheduler and awaits it (one request in flight);
   the tracker's events go to the outbox;
@@ -287,13 +288,18 @@ class StreamHandler:
             self._bad(ErrorCode.NOT_STARTED, "binary frame before `start`; send a start message first")
             return
         try:
-            seq, timestamp, payload = unpack_header(data)
+            seq, timestamp, frames, payload = unpack_header(data)
         except ValueError as exc:
             self._bad(ErrorCode.BAD_HEADER, str(exc))
             return
-        self.metrics.frames.inc()
-        if s.push_frame(InboundFrame(seq, timestamp, bytes(payload), time.monotonic())):
-            self.metrics.frames_dropped.labels(reason="lag").inc()
+        if frames > s.featurizer.max_frames_per_message:
+            kind = s.config.input if s.config else "this input"
+            self._bad(ErrorCode.BAD_HEADER, f"the header says {frames} frames; {kind} messages carry one", seq=seq)
+            return
+        self.metrics.frames.inc(frames)
+        dropped = s.push_frame(InboundFrame(seq, timestamp, bytes(payload), time.monotonic(), frames))
+        if dropped:
+            self.metrics.frames_dropped.labels(reason="lag").inc(dropped)
 
     async def _on_text(self, text: str) -> bool:
         """Handle one JSON message; True once the client sent `end`."""
@@ -394,7 +400,7 @@ class StreamHandler:
         while (frame := await s.next_frame()) is not None:
             started = time.perf_counter()
             try:
-                steps = await self.pool.push(featurizer, frame.payload)
+                steps = await self.pool.push(featurizer, frame.payload, frame.frames)
             except FrameError as exc:
                 self._bad(ErrorCode.BAD_FRAME, str(exc), seq=frame.seq)
                 continue
@@ -402,8 +408,7 @@ class StreamHandler:
                 self._bad(ErrorCode.UNSUPPORTED, str(exc), seq=frame.seq)
                 continue
             self.metrics.featurize.observe(time.perf_counter() - started)
-            s.counters.frames_processed += 1
-            s.last_seq, s.last_timestamp = frame.seq, frame.timestamp
+            s.counters.frames_processed += frame.frames
             for step in steps:
                 if not await self._append(step, frame.arrival):
                     return

@@ -173,6 +173,34 @@ class StepAssembler:
         self._count = 0
         return keypoints_to_steps(self._frames, self.spec)[0]
 
+    def extend(self, keypoint_frames: np.ndarray) -> np.ndarray:
+        """Add (n, 258) frames at once; return the (k, feature_dim) steps they complete, k >= 0.
+
+        Whole steps inside the batch are transformed in one call, so a client sending a step's frames
+        together pays the transform's fixed cost once per step, not per frame.
+        """
+        frames = validate_keypoints(keypoint_frames)
+        per_step = self.spec.frames_per_step
+        steps = []
+        if self._count:  # complete the pending step first
+            take = min(per_step - self._count, len(frames))
+            self._frames[self._count : self._count + take] = frames[:take]
+            self._count += take
+            frames = frames[take:]
+            if self._count < per_step:
+                return np.zeros((0, self.spec.feature_dim), np.float32)
+            steps.append(keypoints_to_steps(self._frames, self.spec))
+            self._count = 0
+        whole = len(frames) - len(frames) % per_step
+        if whole:
+            steps.append(keypoints_to_steps(frames[:whole], self.spec))
+        rest = len(frames) - whole
+        self._frames[:rest] = frames[whole:]
+        self._count = rest
+        if not steps:
+            return np.zeros((0, self.spec.feature_dim), np.float32)
+        return np.concatenate(steps) if len(steps) > 1 else steps[0]
+
     @property
     def pending_frames(self) -> int:
         return self._count

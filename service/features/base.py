@@ -28,9 +28,12 @@ class Featurizer(ABC):
     # using the CPU itself; the worker pool runs those on a wider lane.
     batched: bool = False
 
+    # Most frames one message may carry (the header's `frames` field): 1 for images.
+    max_frames_per_message: int = 1
+
     @abstractmethod
-    def push_payload(self, payload: bytes | memoryview) -> list[np.ndarray]:
-        """Decode one wire payload (an encoded image, a keypoint frame or a feature step)."""
+    def push_payload(self, payload: bytes | memoryview, frames: int = 1) -> list[np.ndarray]:
+        """Decode one wire payload: an encoded image, or ``frames`` keypoint frames or feature steps."""
 
     def push_frame(self, image_bgr: np.ndarray) -> list[np.ndarray]:
         """One decoded BGR frame (video files); only image featurizers accept it."""

@@ -314,7 +314,7 @@ class ClipFeaturizer(Featurizer):
         self._count = 0
         self._emitted = 0
 
-    def push_payload(self, payload: bytes | memoryview) -> list[np.ndarray]:
+    def push_payload(self, payload: bytes | memoryview, frames: int = 1) -> list[np.ndarray]:
         return self._push(decode_image(payload, expected=self.input_format, max_pixels=self.max_pixels))
 
     def push_frame(self, image_bgr: np.ndarray) -> list[np.ndarray]:

@@ -52,11 +52,11 @@ class FeaturizerPool:
         finally:
             self._in_flight -= 1
 
-    async def push(self, featurizer: Featurizer, payload: bytes | memoryview) -> list:
+    async def push(self, featurizer: Featurizer, payload: bytes | memoryview, frames: int = 1) -> list:
         """``featurizer.push_payload`` on a worker when it blocks, inline when it is cheap."""
         if not featurizer.blocking:
-            return featurizer.push_payload(payload)
-        return await self.run(featurizer, featurizer.push_payload, payload)
+            return featurizer.push_payload(payload, frames)
+        return await self.run(featurizer, featurizer.push_payload, payload, frames)
 
     async def finish(self, featurizer: Featurizer) -> list:
         """End of stream: flush pending steps, then release the featurizer; returns the flushed steps."""

@@ -188,7 +188,7 @@ class PoseFeaturizer(Featurizer):
         self._assembler = StepAssembler(spec)
         self.recorded: list[np.ndarray] | None = [] if record_keypoints else None
 
-    def push_payload(self, payload: bytes | memoryview) -> list[np.ndarray]:
+    def push_payload(self, payload: bytes | memoryview, frames: int = 1) -> list[np.ndarray]:
         return self._steps(self._keypoints.push(decode_image(payload, expected=self.input_format,
                                                              max_pixels=self.max_pixels)))
 

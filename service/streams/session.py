@@ -22,10 +22,13 @@ from service.streams.ringbuffer import FeatureRing
 
 @dataclass(frozen=True)
 class InboundFrame:
+    """One media message: ``frames`` frames (keypoints and features may carry several), the first at ``seq``."""
+
     seq: int
     timestamp: float
     payload: bytes
     arrival: float  # monotonic
+    frames: int = 1
 
 
 @dataclass
@@ -58,6 +61,7 @@ class StreamSession:
         self.deadline = self.started_at + max_session_s
         self.inbound: deque[InboundFrame] = deque()
         self.inbound_limit = inbound_frames
+        self.queued_frames = 0  # frames in ``inbound`` (a message may carry several)
         self.inbound_ready = asyncio.Event()
         self.outbox = Outbox(outbound_messages)
         self.counters = Counters()
@@ -70,8 +74,6 @@ class StreamSession:
         self.ended = False  # the client sent `end`
         self.close_request: CloseRequest | None = None
         self.close_requested = asyncio.Event()
-        self.last_seq: int | None = None
-        self.last_timestamp: float | None = None
 
     # ---------------------------------------------------------- lifecycle
 
@@ -108,15 +110,19 @@ class StreamSession:
 
     # ---------------------------------------------------------- inbound (live policy: drop oldest)
 
-    def push_frame(self, frame: InboundFrame) -> bool:
-        """Queue a received frame; returns False when the oldest queued frame was dropped for it."""
-        self.counters.frames_received += 1
-        dropped = False
-        if len(self.inbound) >= self.inbound_limit:
-            self.inbound.popleft()
-            self.counters.frames_dropped += 1
-            dropped = True
+    def push_frame(self, frame: InboundFrame) -> int:
+        """Queue a received message; returns how many frames were dropped for it (the oldest first).
+
+        The limit counts frames, not messages; a single message above it is still taken whole."""
+        self.counters.frames_received += frame.frames
+        dropped = 0
+        while self.inbound and self.queued_frames + frame.frames > self.inbound_limit:
+            oldest = self.inbound.popleft()
+            self.queued_frames -= oldest.frames
+            dropped += oldest.frames
+        self.counters.frames_dropped += dropped
         self.inbound.append(frame)
+        self.queued_frames += frame.frames
         self.inbound_ready.set()
         return dropped
 
@@ -127,7 +133,9 @@ class StreamSession:
                 return None
             self.inbound_ready.clear()
             await self.inbound_ready.wait()
-        return self.inbound.popleft()
+        frame = self.inbound.popleft()
+        self.queued_frames -= frame.frames
+        return frame
 
     def mark_ended(self) -> None:
         self.ended = True
@@ -137,7 +145,7 @@ class StreamSession:
 
     def status(self) -> StatusMessage:
         c = self.counters
-        lag_frames = len(self.inbound)
+        lag_frames = self.queued_frames
         fps = self.config.fps if self.config else 30.0
         return StatusMessage(
             stream_id=self.stream_id,
