@@ -220,7 +220,7 @@ def _sweep(model: Path, mode: str, levels: list[int], args: argparse.Namespace, 
     from tests.streamkit import run_server
 
     rows: list[dict] = []
-    env = {"MGSTREAM_MODE": mode, "MGSTREAM_MAX_SESSIONS": "4096", "MGSTREAM_LOG_LEVEL": "warning"}
+    env = {"MGSTREAM_MODE": mode, "MGSTREAM_MAX_SESSIONS": "4096", "MGSTREAM_LOG_LEVEL": "warning", **({"MGSTREAM_MAX_WAIT_MS": os.environ["XWAIT"]} if "XWAIT" in os.environ else {})}
     print(
         f"\n## Live keypoint streams, {mode} mode ({args.seconds:g} s per level, {args.fps:g} fps, "
         f"{args.frames_per_message} frame(s) per message, clients in {args.client_processes} processes, "

@@ -30,7 +30,23 @@ def segment_iou(seg: np.ndarray, others: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.maximum(union, 1e-9), 0.0)
 
 
+def _hard_nms(segs: np.ndarray, scores: np.ndarray, pp: PostProcess) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy NMS in one pass over the candidates sorted by score (stable: ties keep their order, as
+    the argmax loop of soft-NMS would pick them); scores never change, so no re-ranking is needed."""
+    order = np.argsort(-scores, kind="stable")
+    order = order[scores[order] >= pp.score_threshold]
+    kept: list[int] = []
+    while order.size and len(kept) < pp.max_detections:
+        best, order = order[0], order[1:]
+        kept.append(int(best))
+        if order.size:
+            order = order[segment_iou(segs[best], segs[order]) <= pp.nms_iou]
+    return segs[kept].reshape(-1, 2), scores[kept]
+
+
 def _nms_one_class(segs: np.ndarray, scores: np.ndarray, pp: PostProcess) -> tuple[np.ndarray, np.ndarray]:
+    if pp.nms_method != "soft-nms":
+        return _hard_nms(segs, scores, pp)
     segs, scores = segs.copy(), scores.copy()
     kept_segs, kept_scores = [], []
     while scores.size and len(kept_scores) < pp.max_detections:

@@ -39,21 +39,25 @@ StepFn = Callable[[Arrays], Arrays]  # batch-first arrays in, batch-first arrays
 
 
 class _LevelRing:
-    """The last ``cap`` final outputs of one pyramid level, oldest first on read."""
+    """The last ``cap`` final outputs of one pyramid level. Every row is written twice (at i and
+    i + cap), so any run of up to ``cap`` consecutive positions is one contiguous slice: reading the
+    window at every decision costs no index arithmetic or gather."""
 
     def __init__(self, cap: int, classes: int) -> None:
-        self.scores = np.zeros((cap, classes), np.float32)
-        self.offsets = np.zeros((cap, 2), np.float32)
+        self.scores = np.zeros((2 * cap, classes), np.float32)
+        self.offsets = np.zeros((2 * cap, 2), np.float32)
         self.cap, self.count = cap, 0  # count: positions ever written (= next position index)
 
     def push(self, scores: np.ndarray, offsets: np.ndarray) -> None:
         i = self.count % self.cap
-        self.scores[i], self.offsets[i] = scores, offsets
+        self.scores[i] = self.scores[i + self.cap] = scores
+        self.offsets[i] = self.offsets[i + self.cap] = offsets
         self.count += 1
 
-    def last(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        idx = np.arange(self.count - k, self.count) % self.cap
-        return self.scores[idx], self.offsets[idx]
+    def span(self, end: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Positions end-k .. end-1 (k <= cap, none of them overwritten yet)."""
+        stop = end % self.cap + self.cap
+        return self.scores[stop - k : stop], self.offsets[stop - k : stop]
 
 
 class StepStream:
@@ -136,7 +140,7 @@ class StepStream:
             k = max(0, done - first)
             if k == 0:
                 continue
-            sc, off = ring.last(k) if done == ring.count else _older(ring, done, k)
+            sc, off = ring.span(done, k)
             scores.append(sc)
             offsets.append(off)
             anchors.append((np.arange(done - k, done) + 1) * s - 1)
@@ -159,11 +163,6 @@ class StepStream:
         """End of stream at step n: a last decision if n was not one, then close every gesture."""
         events = self.decide(n) if n > self.last_decided else []
         return events + self.tracker.finish(n)
-
-
-def _older(ring: _LevelRing, done: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    idx = np.arange(done - k, done) % ring.cap
-    return ring.scores[idx], ring.offsets[idx]
 
 
 def _as_step_fn(model: ModelRuntime | StepFn) -> StepFn:
