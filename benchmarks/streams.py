@@ -220,7 +220,8 @@ def _sweep(model: Path, mode: str, levels: list[int], args: argparse.Namespace, 
     from tests.streamkit import run_server
 
     rows: list[dict] = []
-    env = {"MGSTREAM_MODE": mode, "MGSTREAM_MAX_SESSIONS": "4096", "MGSTREAM_LOG_LEVEL": "warning", **({"MGSTREAM_MAX_WAIT_MS": os.environ["XWAIT"]} if "XWAIT" in os.environ else {})}
+    env = {"MGSTREAM_MODE": mode, "MGSTREAM_MAX_SESSIONS": "4096", "MGSTREAM_LOG_LEVEL": "warning"}
+    env.update(item.split("=", 1) for item in args.server_env)
     print(
         f"\n## Live keypoint streams, {mode} mode ({args.seconds:g} s per level, {args.fps:g} fps, "
         f"{args.frames_per_message} frame(s) per message, clients in {args.client_processes} processes, "
@@ -433,6 +434,13 @@ def main() -> None:
         type=int,
         default=1,
         help="keypoint frames per WebSocket message; 4 sends each step's frames together, when its last is due",
+    )
+    parser.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra server setting, e.g. MGSTREAM_MAX_WAIT_MS=10 (repeatable)",
     )
     parser.add_argument("--client-processes", type=int, default=3)
     parser.add_argument(

@@ -181,13 +181,24 @@ def _threads(server) -> dict:
 
 def test_compression_and_threading_follow_the_settings(server, tiny_model, tmp_path: Path) -> None:
     assert _negotiated_extensions(server.ws) is None  # binary frames: deflate would cost CPU for ~4 %
-    assert _threads(server) == {"intra_op": 1, "intra_op_spinning": False, "gil_switch_interval_ms": 0.5}
+    assert _threads(server) == {
+        "intra_op": 1,
+        "intra_op_spinning": False,
+        "gil_switch_interval_ms": 0.5,
+        "gc_threshold": [50_000, 10, 10],
+    }
     env = {
         "MGSTREAM_API_KEYS": json.dumps([KEY]),
         "MGSTREAM_WS_COMPRESSION": "true",
         "MGSTREAM_INTRA_OP_THREADS": "2",
         "MGSTREAM_GIL_SWITCH_INTERVAL_MS": "2",
+        "MGSTREAM_GC_GEN0_THRESHOLD": "1000",
     }
     with run_server(tiny_model, tmp_path, env=env) as srv:
         assert "permessage-deflate" in (_negotiated_extensions(srv.ws) or "")
-        assert _threads(srv) == {"intra_op": 2, "intra_op_spinning": False, "gil_switch_interval_ms": 2.0}
+        assert _threads(srv) == {
+            "intra_op": 2,
+            "intra_op_spinning": False,
+            "gil_switch_interval_ms": 2.0,
+            "gc_threshold": [1000, 10, 10],
+        }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 
@@ -73,6 +74,7 @@ async def models(request: Request) -> JSONResponse:
                         "intra_op": state.settings.intra_op_threads,
                         "intra_op_spinning": state.settings.intra_op_spinning,
                         "gil_switch_interval_ms": round(sys.getswitchinterval() * 1000, 6),
+                        "gc_threshold": list(gc.get_threshold()),
                     },
                 }
             ]
