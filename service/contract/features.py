@@ -87,26 +87,35 @@ def validate_keypoints(keypoints: np.ndarray) -> np.ndarray:
     return arr
 
 
+# ufunc reductions straight from C: ndarray.any()/sum() add a Python-level wrapper to every call.
+_any = np.logical_or.reduce
+_sum = np.add.reduce
+
+
 def keypoints_to_frame_features(keypoints: np.ndarray) -> np.ndarray:
     """(T, 258) canonical keypoints -> (T, FRAME_DIM) body-centred, scale-normalised frame features."""
+    return _frame_features(validate_keypoints(keypoints))
+
+
+def _frame_features(kp: np.ndarray) -> np.ndarray:
+    """:func:`keypoints_to_frame_features` of already validated float32 (T, 258) keypoints."""
     # Written as few whole-array operations: this runs for every step of every live stream, and on
     # a handful of frames numpy's cost is per call, not per element.
-    kp = validate_keypoints(keypoints)
     t = kp.shape[0]
-    present = ~np.isnan(kp)  # Inf was refused above, so NaN is the only non-finite value
-    zeroed = np.where(present, kp, np.float32(0.0))
+    missing = np.isnan(kp)  # Inf was refused by validation, so NaN is the only non-finite value
+    zeroed = np.where(missing, np.float32(0.0), kp)
     pose = zeroed[:, :POSE_DIM].reshape(t, POSE_LANDMARKS, 4)
     hands = zeroed[:, POSE_DIM:].reshape(t, 2 * HAND_LANDMARKS, 3)
-    pose_seen = present[:, :POSE_DIM].reshape(t, POSE_LANDMARKS, 4)
-    hands_seen = present[:, POSE_DIM:].reshape(t, 2, HAND_LANDMARKS, 3)[..., :2].all(axis=(2, 3))  # (T, 2)
+    shoulders_missing = missing[:, 4 * LEFT_SHOULDER : 4 * (RIGHT_SHOULDER + 1)].reshape(t, 2, 4)[..., :2]
+    pose_ok = ~_any(shoulders_missing, axis=(1, 2))
+    hands_ok = ~_any(missing[:, POSE_DIM:].reshape(t, 2, HAND_LANDMARKS, 3)[..., :2], axis=(2, 3))  # (T, 2)
 
-    pose_ok = pose_seen[:, LEFT_SHOULDER : RIGHT_SHOULDER + 1, :2].all(axis=(1, 2))
-    origin = np.where(pose_ok[:, None], (pose[:, LEFT_SHOULDER, :2] + pose[:, RIGHT_SHOULDER, :2]) / 2, 0.0)
-    hip_mid = (pose[:, LEFT_HIP, :2] + pose[:, RIGHT_HIP, :2]) / 2
-    across = pose[:, LEFT_SHOULDER, :2] - pose[:, RIGHT_SHOULDER, :2]
-    down = origin - hip_mid
-    width = np.sqrt((across * across).sum(axis=-1))
-    torso = np.sqrt((down * down).sum(axis=-1))
+    left_shoulder, right_shoulder = pose[:, LEFT_SHOULDER, :2], pose[:, RIGHT_SHOULDER, :2]
+    origin = np.where(pose_ok[:, None], (left_shoulder + right_shoulder) / 2, 0.0)
+    down = origin - (pose[:, LEFT_HIP, :2] + pose[:, RIGHT_HIP, :2]) / 2  # mid-hip to mid-shoulder
+    across = left_shoulder - right_shoulder
+    width = np.sqrt(_sum(across * across, axis=-1))
+    torso = np.sqrt(_sum(down * down, axis=-1))
     # Two body lengths averaged: a per-frame scale from one short segment turns tracking jitter
     # into large noise on distal landmarks.
     scale = np.maximum(0.5 * (width + torso / TORSO_PER_SHOULDER), MIN_SCALE)[:, None, None]
@@ -116,8 +125,10 @@ def keypoints_to_frame_features(keypoints: np.ndarray) -> np.ndarray:
     # Legs are measured from the mid-hip point: their small motions (bouncing knees) would drown
     # in the scale noise multiplied by their distance from the shoulders.
     xy[:, LEGS] += down[:, None, :]
-    flags = np.concatenate([pose_ok[:, None], hands_seen & pose_ok[:, None]], axis=1)  # pose, left, right
-    ok = np.repeat(flags, [POSE_LANDMARKS, HAND_LANDMARKS, HAND_LANDMARKS], axis=1)  # (T, 75)
+    flags = np.empty((t, 3), dtype=bool)  # pose, left hand, right hand
+    flags[:, 0] = pose_ok
+    np.logical_and(hands_ok, pose_ok[:, None], out=flags[:, 1:])
+    ok = flags.repeat([POSE_LANDMARKS, HAND_LANDMARKS, HAND_LANDMARKS], axis=1)  # (T, 75)
     centred = np.where(ok[..., None], (xy - origin[:, None, :]) / scale, 0.0).reshape(t, -1)
 
     pose_xy_dim = POSE_LANDMARKS * 2
@@ -133,14 +144,22 @@ def frames_to_steps(frame_features: np.ndarray, frames_per_step: int) -> np.ndar
     """(T, F) frame features -> (T // frames_per_step, 2F) steps; a trailing partial step is dropped."""
     n = frame_features.shape[0] // frames_per_step
     grouped = frame_features[: n * frames_per_step].reshape(n, frames_per_step, -1)
-    return np.concatenate([grouped.mean(axis=1), grouped[:, -1] - grouped[:, 0]], axis=1).astype(np.float32)
+    dim = grouped.shape[2]
+    out = np.empty((n, 2 * dim), dtype=np.float32)
+    np.divide(_sum(grouped, axis=1), frames_per_step, out=out[:, :dim])  # the mean of the step's frames
+    np.subtract(grouped[:, -1], grouped[:, 0], out=out[:, dim:])  # first-to-last change
+    return out
 
 
 def keypoints_to_steps(keypoints: np.ndarray, spec: FeatureSpec = DEFAULT_SPEC) -> np.ndarray:
     """The whole transform, for a whole sequence: (T, 258) -> (T // frames_per_step, feature_dim)."""
     if not spec.is_builtin():
         raise ValueError(f"feature spec {spec.name} v{spec.version} is not produced from keypoints here")
-    return frames_to_steps(keypoints_to_frame_features(keypoints), spec.frames_per_step)
+    return _steps(validate_keypoints(keypoints), spec)
+
+
+def _steps(keypoints: np.ndarray, spec: FeatureSpec) -> np.ndarray:
+    return frames_to_steps(_frame_features(keypoints), spec.frames_per_step)
 
 
 class StepAssembler:
@@ -171,7 +190,7 @@ class StepAssembler:
         if self._count < self.spec.frames_per_step:
             return None
         self._count = 0
-        return keypoints_to_steps(self._frames, self.spec)[0]
+        return _steps(self._frames, self.spec)[0]
 
     def extend(self, keypoint_frames: np.ndarray) -> np.ndarray:
         """Add (n, 258) frames at once; return the (k, feature_dim) steps they complete, k >= 0.
@@ -189,11 +208,11 @@ class StepAssembler:
             frames = frames[take:]
             if self._count < per_step:
                 return np.zeros((0, self.spec.feature_dim), np.float32)
-            steps.append(keypoints_to_steps(self._frames, self.spec))
+            steps.append(_steps(self._frames, self.spec))
             self._count = 0
         whole = len(frames) - len(frames) % per_step
         if whole:
-            steps.append(keypoints_to_steps(frames[:whole], self.spec))
+            steps.append(_steps(frames[:whole], self.spec))
         rest = len(frames) - whole
         self._frames[:rest] = frames[whole:]
         self._count = rest
