@@ -67,9 +67,17 @@ def test_runtime_checks_io_and_warms_up(runtime: StepModelRuntime) -> None:
     assert set(runtime.warm_up([1, 3])) == {1, 3}
 
 
-def test_step_decisions_decode_the_full_forward(detector: Detector, runtime: StepModelRuntime) -> None:
+def test_step_decisions_decode_the_full_forward(
+    detector: Detector, runtime: StepModelRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """At every decision point the step stream decodes exactly the full causal forward's outputs whose
-    anchors lie in the last window: nothing is lost or recomputed differently."""
+    anchors lie in the last window: nothing is lost or recomputed differently. A decision whose window
+    holds the same above-threshold positions as the previous one reuses its detections."""
+    from service.detection import step_events
+
+    decodes = []
+    real_decode = step_events.decode
+    monkeypatch.setattr(step_events, "decode", lambda *a, **k: decodes.append(1) or real_decode(*a, **k))
     steps = _steps(1, 96)
     thr = _threshold(detector, steps)
     ref_scores, ref_offsets, ref_anchors = run_sequence(detector, steps)
@@ -88,6 +96,7 @@ def test_step_decisions_decode_the_full_forward(detector: Detector, runtime: Ste
         ]
         checked += len(want)
     assert checked >= 5  # the comparison covered real detections
+    assert 0 < len(decodes) < len(steps) // 4  # some decisions reused the previous decode
 
 
 def test_scheduler_stacks_stream_states_and_matches_the_batch_path(

@@ -14,6 +14,7 @@ model chunk by chunk over a whole file, so batch and live share one computation.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 
 import numpy as np
@@ -87,6 +88,11 @@ class StepStream:
         self.steps_in = 0  # steps fed to the model (zero padding of a final partial chunk included)
         self.strides = np.asarray(layout.strides)
         self.rings = [_LevelRing(self.window_steps // s + 1, card.num_classes) for s in layout.strides]
+        # Positions with a score at or above the threshold, per level: decode sees nothing else, so a
+        # decision whose window holds the same such positions as the last one reuses its detections.
+        self._threshold = card.postprocess.score_threshold if score_threshold is None else score_threshold
+        self._hot: list[deque[int]] = [deque() for _ in layout.strides]
+        self._last: tuple[tuple, list[Detection]] | None = None
         self._slot_levels = layout.slot_levels()
         self._slot_offsets = layout.slot_anchor_offsets().astype(np.int64)
         self.tracker = EventTracker(
@@ -123,20 +129,44 @@ class StepStream:
         real = self.chunk if real_steps is None else real_steps
         self.state = {PHASE_INPUT: out[PHASE_OUTPUT], STATE_INPUT: out[STATE_OUTPUT]}
         self.steps_in += self.chunk
+        scores = out[SCORES_OUTPUT]
+        hot = np.max(scores, axis=1) >= self._threshold
         for slot in np.flatnonzero(out[VALID_OUTPUT]):
             if self._slot_offsets[slot] < real:
-                self.rings[self._slot_levels[slot]].push(out[SCORES_OUTPUT][slot], out[OFFSETS_OUTPUT][slot])
+                level = self._slot_levels[slot]
+                ring = self.rings[level]
+                if hot[slot]:
+                    self._hot[level].append(ring.count)
+                ring.push(scores[slot], out[OFFSETS_OUTPUT][slot])
         n = start + real
         if n > 0 and n % self.hop_steps == 0:
             return self.decide(n)
         return []
 
     def detections(self, n: int) -> list[Detection]:
-        """Decode the final outputs whose anchors lie in the last ``window_steps`` steps before n."""
-        scores, offsets, anchors = [], [], []
-        for ring, s in zip(self.rings, self.strides, strict=True):
+        """Decode the final outputs whose anchors lie in the last ``window_steps`` steps before n
+        (``n`` never decreases from one call to the next)."""
+        spans = []
+        for ring, hot, s in zip(self.rings, self._hot, self.strides, strict=True):
             done = min(ring.count, n // s)  # positions whose anchor (p+1)s-1 < n
             first = max(0, -(-(n - self.window_steps + 1) // s) - 1)  # anchor >= n - window
+            while hot and hot[0] < first:
+                hot.popleft()  # left every window from now on
+            inside = [p for p in hot if p < done]
+            spans.append((done, first, len(inside), inside[0] if inside else -1, inside[-1] if inside else -1))
+        # Hot positions only join at the end and leave at the start, so count and ends identify the set.
+        signature = tuple(span[2:] for span in spans)
+        if self._last is not None and self._last[0] == signature:
+            return self._last[1]
+        found = self._decode(n, spans)
+        self._last = (signature, found)
+        return found
+
+    def _decode(self, n: int, spans: list[tuple[int, ...]]) -> list[Detection]:
+        if not any(span[2] for span in spans):
+            return []  # nothing at or above the threshold in the window: decode would find nothing
+        scores, offsets, anchors = [], [], []
+        for ring, s, (done, first, *_) in zip(self.rings, self.strides, spans, strict=True):
             k = max(0, done - first)
             if k == 0:
                 continue
