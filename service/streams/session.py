@@ -160,6 +160,7 @@ class StreamSession:
     def release(self) -> None:
         """Drop the heavy per-stream state (ring, queues); the featurizer is closed by its owner."""
         self.inbound.clear()
+        self.queued_frames = 0
         self.outbox.clear()
         self.ring = None
         self.step = None  # frees the cached model state
