@@ -162,6 +162,15 @@ def _steps(keypoints: np.ndarray, spec: FeatureSpec) -> np.ndarray:
     return frames_to_steps(_frame_features(keypoints), spec.frames_per_step)
 
 
+def transform_whole_steps(frames: np.ndarray, spec: FeatureSpec = DEFAULT_SPEC) -> np.ndarray:
+    """:func:`keypoints_to_steps` of frames that :meth:`StepAssembler.gather` returned (validated, whole
+    steps). Frames of several streams may be concatenated: every step depends on its own frames only,
+    so the result is bitwise what each stream would get alone."""
+    if len(frames) == 0:
+        return np.zeros((0, spec.feature_dim), np.float32)
+    return _steps(frames, spec)
+
+
 class StepAssembler:
     """Incremental form of :func:`keypoints_to_steps`: push frames one at a time, get steps when complete.
 
@@ -198,27 +207,24 @@ class StepAssembler:
         Whole steps inside the batch are transformed in one call, so a client sending a step's frames
         together pays the transform's fixed cost once per step, not per frame.
         """
+        return transform_whole_steps(self.gather(keypoint_frames), self.spec)
+
+    def gather(self, keypoint_frames: np.ndarray) -> np.ndarray:
+        """Add (n, 258) frames; return the frames of the steps they complete, (k * frames_per_step, 258),
+        validated and not yet transformed (:func:`transform_whole_steps` does that, possibly together
+        with other streams' frames)."""
         frames = validate_keypoints(keypoint_frames)
         per_step = self.spec.frames_per_step
-        steps = []
-        if self._count:  # complete the pending step first
-            take = min(per_step - self._count, len(frames))
-            self._frames[self._count : self._count + take] = frames[:take]
-            self._count += take
-            frames = frames[take:]
-            if self._count < per_step:
-                return np.zeros((0, self.spec.feature_dim), np.float32)
-            steps.append(_steps(self._frames, self.spec))
-            self._count = 0
-        whole = len(frames) - len(frames) % per_step
-        if whole:
-            steps.append(_steps(frames[:whole], self.spec))
-        rest = len(frames) - whole
-        self._frames[:rest] = frames[whole:]
+        if self._count + len(frames) < per_step:  # no step completes: buffer and return nothing
+            self._frames[self._count : self._count + len(frames)] = frames
+            self._count += len(frames)
+            return frames[:0]
+        whole = (self._count + len(frames)) // per_step * per_step
+        joined = np.concatenate([self._frames[: self._count], frames]) if self._count else frames
+        rest = len(joined) - whole
+        self._frames[:rest] = joined[whole:]
         self._count = rest
-        if not steps:
-            return np.zeros((0, self.spec.feature_dim), np.float32)
-        return np.concatenate(steps) if len(steps) > 1 else steps[0]
+        return joined[:whole]
 
     @property
     def pending_frames(self) -> int:

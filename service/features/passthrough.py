@@ -9,10 +9,13 @@ contract) but never Inf; feature steps go straight to the detector, so NaN and I
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
+from functools import partial
+
 import numpy as np
 
 from service.api.protocol import MAX_FRAMES_PER_MESSAGE
-from service.contract.features import DEFAULT_SPEC, KEYPOINT_DIM, FeatureSpec, StepAssembler
+from service.contract.features import DEFAULT_SPEC, KEYPOINT_DIM, FeatureSpec, StepAssembler, transform_whole_steps
 from service.features.base import Featurizer, FrameError
 
 _LE_F32 = np.dtype("<f4")
@@ -70,6 +73,7 @@ class KeypointPassthrough(Featurizer):
 
     kind = "keypoints"
     max_frames_per_message = MAX_FRAMES_PER_MESSAGE
+    coalescable = True
 
     def __init__(self, spec: FeatureSpec = DEFAULT_SPEC) -> None:
         self.spec = spec
@@ -77,11 +81,20 @@ class KeypointPassthrough(Featurizer):
 
     def push_keypoints(self, frames: np.ndarray) -> list[np.ndarray]:
         """Already-parsed float32 frames: one (258,) or several (n, 258)."""
-        frames = check_keypoints(np.asarray(frames, dtype=np.float32).reshape(-1, KEYPOINT_DIM))
-        return list(self._assembler.extend(frames))
+        return list(transform_whole_steps(self._gather(frames), self.spec))
 
     def push_payload(self, payload: bytes | memoryview, frames: int = 1) -> list[np.ndarray]:
         return self.push_keypoints(parse_float32(payload, KEYPOINT_DIM, "keypoint", frames))
+
+    def gather_payload(self, payload: bytes | memoryview, frames: int = 1) -> np.ndarray:
+        return self._gather(parse_float32(payload, KEYPOINT_DIM, "keypoint", frames))
+
+    def shared_transform(self) -> tuple[Hashable, Callable[[np.ndarray], np.ndarray]]:
+        return (type(self), self.spec), partial(transform_whole_steps, spec=self.spec)
+
+    def _gather(self, frames: np.ndarray) -> np.ndarray:
+        frames = check_keypoints(np.asarray(frames, dtype=np.float32).reshape(-1, KEYPOINT_DIM))
+        return self._assembler.gather(frames)
 
 
 class FeaturePassthrough(Featurizer):

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from service.features.base import Featurizer
+from service.features.coalesce import TransformCoalescer
 
 T = TypeVar("T")
 
@@ -31,6 +32,7 @@ class FeaturizerPool:
         self._locks: weakref.WeakKeyDictionary[Featurizer, asyncio.Lock] = weakref.WeakKeyDictionary()
         self._in_flight = 0
         self._closed = False
+        self._coalescers: dict[Hashable, TransformCoalescer] = {}
 
     @property
     def in_flight(self) -> int:
@@ -53,10 +55,28 @@ class FeaturizerPool:
             self._in_flight -= 1
 
     async def push(self, featurizer: Featurizer, payload: bytes | memoryview, frames: int = 1) -> list:
-        """``featurizer.push_payload`` on a worker when it blocks, inline when it is cheap."""
+        """``featurizer.push_payload`` on a worker when it blocks, inline when it is cheap, and for a
+        coalescable featurizer inline with its transform shared with the other streams of this turn."""
+        if featurizer.coalescable:
+            rows = featurizer.gather_payload(payload, frames)
+            if len(rows) == 0:
+                return []
+            return list(await self._coalescer(featurizer).submit(rows))
         if not featurizer.blocking:
             return featurizer.push_payload(payload, frames)
         return await self.run(featurizer, featurizer.push_payload, payload, frames)
+
+    def _coalescer(self, featurizer: Featurizer) -> TransformCoalescer:
+        key, transform = featurizer.shared_transform()
+        coalescer = self._coalescers.get(key)
+        if coalescer is None:
+            coalescer = self._coalescers[key] = TransformCoalescer(transform)
+        return coalescer
+
+    @property
+    def coalescing(self) -> tuple[int, int]:
+        """(transform calls, stream submissions) over every coalescer, for metrics."""
+        return (sum(c.calls for c in self._coalescers.values()), sum(c.submitted for c in self._coalescers.values()))
 
     async def finish(self, featurizer: Featurizer) -> list:
         """End of stream: flush pending steps, then release the featurizer; returns the flushed steps."""
