@@ -152,10 +152,8 @@ class StepStream:
             first = max(0, -(-(n - self.window_steps + 1) // s) - 1)  # anchor >= n - window
             while hot and hot[0] < first:
                 hot.popleft()  # left every window from now on
-            if not hot or hot[-1] < done:  # the usual case: every hot position is final by n
-                inside = hot
-            else:
-                inside = [p for p in hot if p < done]
+            # Usually every hot position is final by n and the deque is the window's set as it is.
+            inside = hot if not hot or hot[-1] < done else [p for p in hot if p < done]
             spans.append((done, first, len(inside), inside[0] if inside else -1, inside[-1] if inside else -1))
         # Hot positions only join at the end and leave at the start, so count and ends identify the set.
         signature = tuple(span[2:] for span in spans)
