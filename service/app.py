@@ -143,7 +143,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if state.step_runtime is not None:  # step mode: live streams go through their own scheduler
         state.step_scheduler = _start_scheduler(app, state.step_runtime)
         await state.step_scheduler.run_blocking(state.step_runtime.warm_up, state.step_scheduler.buckets)
-    state.featurizer_pool = FeaturizerPool(settings.pose_workers)
+    state.featurizer_pool = FeaturizerPool(settings.pose_workers, on_coalesced=state.metrics.coalesced.observe)
     state.registry = SessionRegistry(
         max_sessions=settings.max_sessions,
         metrics=state.metrics,

@@ -26,6 +26,12 @@ class Metrics:
         self.queue_wait = Histogram("mgstream_queue_wait_seconds", "Submit to batch start", buckets=_MS, registry=r)
         self.inference = Histogram("mgstream_inference_seconds", "One batch in the runtime", buckets=_MS, registry=r)
         self.featurize = Histogram("mgstream_featurize_seconds", "One message featurized", buckets=_MS, registry=r)
+        self.coalesced = Histogram(
+            "mgstream_keypoint_transform_streams",
+            "Streams served by one coalesced keypoint-transform call",
+            buckets=_BATCH,
+            registry=r,
+        )
         self.frame_to_event = Histogram(
             "mgstream_frame_to_event_seconds",
             "Arrival of the frame that completed a window to its event sent",

@@ -22,7 +22,8 @@ def _keypoints(seed: int, frames: int) -> np.ndarray:
 
 
 def test_streams_in_one_turn_share_one_call_and_get_their_own_steps() -> None:
-    pool = FeaturizerPool(1)
+    served: list[int] = []
+    pool = FeaturizerPool(1, on_coalesced=served.append)
     streams = [(KeypointPassthrough(), _keypoints(i, 4 * (i + 1) + 2)) for i in range(6)]
 
     async def main() -> list[list[np.ndarray]]:
@@ -36,7 +37,7 @@ def test_streams_in_one_turn_share_one_call_and_get_their_own_steps() -> None:
         expected = keypoints_to_steps(kp)  # the trailing 2 frames wait in the stream's assembler
         assert len(steps) == len(expected) and featurizer._assembler.pending_frames == 2
         np.testing.assert_array_equal(np.stack(steps), expected)
-    assert pool.coalescing == (1, 6)  # six streams, one transform call
+    assert pool.coalescing == (1, 6) and served == [6]  # six streams, one transform call
     pool.shutdown()
 
 

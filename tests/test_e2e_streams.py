@@ -61,6 +61,8 @@ def test_concurrent_realtime_clients_each_get_exactly_their_own_events(server, t
         assert [e["class_id"] for e in expected] == [1 + i % 2]  # its own gesture, nobody else's
     assert server.metric("mgstream_sessions_active") == 0
     assert server.metric("mgstream_batch_size_count") > 0
+    calls = server.metric("mgstream_keypoint_transform_streams_count")
+    assert calls > 0 and server.metric("mgstream_keypoint_transform_streams_sum") >= calls
 
 
 @pytest.mark.parametrize("frames_per_message", [4, 7])

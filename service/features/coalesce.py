@@ -19,8 +19,9 @@ Transform = Callable[[np.ndarray], np.ndarray]  # (k * rows_per_step, ...) rows 
 
 
 class TransformCoalescer:
-    def __init__(self, transform: Transform) -> None:
+    def __init__(self, transform: Transform, on_flush: Callable[[int], None] | None = None) -> None:
         self.transform = transform
+        self.on_flush = on_flush  # called with the number of streams served by each transform call
         self._pending: list[tuple[np.ndarray, asyncio.Future]] = []
         self.calls = 0  # transform calls made
         self.submitted = 0  # submissions served (submitted / calls = mean coalesced streams per call)
@@ -41,6 +42,8 @@ class TransformCoalescer:
             return
         self.calls += 1
         self.submitted += len(live)
+        if self.on_flush is not None:
+            self.on_flush(len(live))
         try:
             if len(live) == 1:
                 parts = [self.transform(live[0][0])]

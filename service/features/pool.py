@@ -23,7 +23,9 @@ T = TypeVar("T")
 
 
 class FeaturizerPool:
-    def __init__(self, max_workers: int, *, batched_workers: int = 32) -> None:
+    def __init__(
+        self, max_workers: int, *, batched_workers: int = 32, on_coalesced: Callable[[int], None] | None = None
+    ) -> None:
         if max_workers < 1 or batched_workers < 1:
             raise ValueError("worker counts must be >= 1")
         self.max_workers = max_workers
@@ -33,6 +35,7 @@ class FeaturizerPool:
         self._in_flight = 0
         self._closed = False
         self._coalescers: dict[Hashable, TransformCoalescer] = {}
+        self._on_coalesced = on_coalesced  # streams per coalesced transform call, for metrics
 
     @property
     def in_flight(self) -> int:
@@ -70,7 +73,7 @@ class FeaturizerPool:
         key, transform = featurizer.shared_transform()
         coalescer = self._coalescers.get(key)
         if coalescer is None:
-            coalescer = self._coalescers[key] = TransformCoalescer(transform)
+            coalescer = self._coalescers[key] = TransformCoalescer(transform, self._on_coalesced)
         return coalescer
 
     @property
