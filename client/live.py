@@ -240,7 +240,7 @@ def print_summary(console: Console, summary: Summary, elapsed_s: float) -> None:
         totals = f"{ended.frames_received} received, {ended.frames_processed} processed, "
         totals += f"{ended.frames_dropped} dropped"
     console.print(
-        f"sent {summary.frames_sent} messages in {elapsed_s:.1f} s; server: {totals}; "
+        f"sent {summary.frames_sent} frames in {elapsed_s:.1f} s; server: {totals}; "
         f"{sum(summary.ends.values())} gestures, {summary.errors} errors"
         + (f", {summary.reconnects} reconnects" if summary.reconnects else "")
     )

@@ -116,7 +116,13 @@ class ArraySource:
     """A ``.npy`` of keypoint frames (T, 258) or feature steps (T, D), replayed as a stream."""
 
     def __init__(
-        self, path: Path, *, fps: float | None = None, realtime: bool = True, max_seconds: float | None = None
+        self,
+        path: Path,
+        *,
+        fps: float | None = None,
+        realtime: bool = True,
+        max_seconds: float | None = None,
+        frames_per_message: int = 1,
     ) -> None:
         array = np.load(path, allow_pickle=False)
         if array.ndim != 2 or array.shape[0] == 0:
@@ -128,6 +134,10 @@ class ArraySource:
         self.max_seconds = max_seconds
         self.frames_per_step = 1  # set from the server's ready message for feature input
         self.total_frames = len(self.array)
+        if frames_per_message < 1:
+            raise ValueError("frames per message must be at least 1")
+        # Keypoints only: several frames go in one message, sent when the last of them is due.
+        self.group = frames_per_message if self.kind == "keypoints" else 1
 
     @property
     def input_kind(self) -> str:
@@ -135,19 +145,23 @@ class ArraySource:
 
     async def frames(self) -> AsyncIterator[Item]:
         # One message covers one frame (keypoints) or frames_per_step frames (a feature step).
+        # With a group of n keypoint frames, one message carries n frames (an (n, 258) Item).
         period = (self.frames_per_step if self.kind == "features" else 1) / self.fps
         start = time.monotonic()
-        for index, row in enumerate(self.array):
+        for sent, index in enumerate(range(0, len(self.array), self.group)):
             media_time = index * period
             if self.max_seconds is not None and media_time >= self.max_seconds:
                 return
+            rows = self.array[index : index + self.group]
+            if self.max_seconds is not None:  # no frame past the limit inside a group either
+                rows = rows[: max(1, int(np.ceil(self.max_seconds / period)) - index)]
             if self.realtime:
-                delay = start + media_time - time.monotonic()
+                delay = start + (index + len(rows) - 1) * period - time.monotonic()  # when the last is captured
                 if delay > 0:
                     await asyncio.sleep(delay)
-            elif index % 64 == 0:
+            elif sent % 64 == 0:
                 await asyncio.sleep(0)  # let the event printer run during --fast replays
-            yield Item(row, media_time)
+            yield Item(rows if self.group > 1 else rows[0], media_time)
 
 
 def open_source(
@@ -158,6 +172,7 @@ def open_source(
     fast: bool,
     max_width: int,
     max_seconds: float | None,
+    frames_per_message: int = 1,
 ) -> CaptureSource | ArraySource:
     if (file is None) == (camera is None):
         raise ValueError("give either FILE or --camera")
@@ -174,7 +189,9 @@ def open_source(
     if not file.exists():
         raise ValueError(f"{file} does not exist")
     if file.suffix.lower() == ".npy":
-        return ArraySource(file, fps=fps, realtime=not fast, max_seconds=max_seconds)
+        return ArraySource(
+            file, fps=fps, realtime=not fast, max_seconds=max_seconds, frames_per_message=frames_per_message
+        )
     return CaptureSource(
         str(file), fps=fps, live=False, realtime=not fast, max_width=max_width, max_seconds=max_seconds
     )

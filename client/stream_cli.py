@@ -45,6 +45,14 @@ def stream(
     jpeg_quality: Annotated[int, typer.Option(min=10, max=100, help="JPEG quality of sent frames.")] = 80,
     max_width: Annotated[int, typer.Option(min=0, help="Downscale wider frames (0: never).")] = 640,
     reconnect: Annotated[bool, typer.Option(help="Reconnect after a drop.")] = False,
+    frames_per_message: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=65535,
+            help="Keypoint .npy: frames per message; 4 (one step) costs the server less, events come as early.",
+        ),
+    ] = 1,
     json_lines: Annotated[bool, typer.Option("--json", help="One JSON object per message.")] = False,
 ) -> None:
     """Stream a webcam (--camera 0), a video or a .npy and print gestures as they start and end."""
@@ -59,7 +67,15 @@ def stream(
 
     console = Console(stderr=json_lines)  # keep stdout clean for --json
     try:
-        source = open_source(file, camera, fps=fps, fast=fast, max_width=max_width, max_seconds=seconds)
+        source = open_source(
+            file,
+            camera,
+            fps=fps,
+            fast=fast,
+            max_width=max_width,
+            max_seconds=seconds,
+            frames_per_message=frames_per_message,
+        )
     except ValueError as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(2) from exc

@@ -382,6 +382,21 @@ def test_cli_replays_npy_at_real_time_pace(server, keypoints: np.ndarray, tmp_pa
     assert ended["frames_processed"] + ended["frames_dropped"] == N_FRAMES
 
 
+def test_cli_sends_a_steps_frames_per_message(server, keypoints: np.ndarray, tmp_path: Path) -> None:
+    path = tmp_path / "kp.npy"
+    np.save(path, keypoints)
+    grouped = _cli("stream", str(path), "--url", server.http, "--json", "--frames-per-message", "4")
+    single = _cli("stream", str(path), "--url", server.http, "--json")
+    assert grouped.returncode == 0 and single.returncode == 0, grouped.stderr + single.stderr
+    ends = [
+        [{k: v for k, v in m.items() if k != "stream_id"} for m in _json_lines(r.stdout) if m["type"] == "gesture_end"]
+        for r in (grouped, single)
+    ]
+    assert ends[0] and ends[0] == ends[1]
+    ended = _json_lines(grouped.stdout)[-1]
+    assert ended["frames_received"] == ended["frames_processed"] == N_FRAMES
+
+
 def test_cli_camera_path_with_a_video_standing_in_for_the_device(server, video: Path) -> None:
     """``--camera`` takes a path through the same cv2.VideoCapture code path as a device index."""
     result = _cli("stream", "--camera", str(video), "--url", server.http, "--fps", "5", "--json", "--no-preview")
@@ -399,7 +414,7 @@ def test_cli_camera_path_with_a_video_standing_in_for_the_device(server, video: 
 def test_cli_replays_a_video_file(server, video: Path) -> None:
     result = _cli("stream", str(video), "--url", server.http, "--fast", "--max-width", "160")
     assert result.returncode == 0, result.stderr
-    assert "sent 45 messages" in result.stdout
+    assert "sent 45 frames" in result.stdout
     assert "45 received" in result.stdout
 
 
