@@ -48,8 +48,8 @@ def serve(
     # a busy event loop, twice per batch (docs/benchmarks.md).
     sys.setswitchinterval(settings.gil_switch_interval_ms / 1000.0)
     # Every frame allocates short-lived objects; with the default threshold (700) the collector runs
-    # hundreds of times a second, and its full passes over every loaded module's objects show up as
-    # latency spikes. Fewer young collections, and a frozen startup heap (below), keep passes short.
+    # hundreds of times a second under load, and a full pass walks every loaded module's objects.
+    # Fewer young collections and a frozen startup heap (below) keep pauses rare and short.
     gc.set_threshold(settings.gc_gen0_threshold, *gc.get_threshold()[1:])
     setup_logging(settings.log_level)
     app = create_app(settings)
