@@ -292,9 +292,9 @@ class StreamHandler:
         except ValueError as exc:
             self._bad(ErrorCode.BAD_HEADER, str(exc))
             return
-        if frames > s.featurizer.max_frames_per_message:
-            kind = s.config.input if s.config else "this input"
-            self._bad(ErrorCode.BAD_HEADER, f"the header says {frames} frames; {kind} messages carry one", seq=seq)
+        if frames > s.featurizer.max_frames_per_message:  # started, so featurizer and config are set
+            message = f"the header says {frames} frames; {s.config.input} messages carry one"
+            self._bad(ErrorCode.BAD_HEADER, message, seq=seq)
             return
         self.metrics.frames.inc(frames)
         dropped = s.push_frame(InboundFrame(seq, timestamp, bytes(payload), time.monotonic(), frames))

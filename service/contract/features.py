@@ -190,16 +190,8 @@ class StepAssembler:
         frame = np.asarray(keypoint_frame)
         if frame.shape not in ((KEYPOINT_DIM,), (1, KEYPOINT_DIM)):
             raise ValueError(f"a keypoint frame must have shape ({KEYPOINT_DIM},), got {frame.shape}")
-        if not np.issubdtype(frame.dtype, np.floating):
-            raise ValueError(f"keypoints must be floating point, got dtype {frame.dtype}")
-        if np.isinf(frame).any():
-            raise ValueError("keypoints contain Inf; use NaN for undetected parts")
-        self._frames[self._count] = frame.reshape(-1)
-        self._count += 1
-        if self._count < self.spec.frames_per_step:
-            return None
-        self._count = 0
-        return _steps(self._frames, self.spec)[0]
+        steps = self.extend(frame)
+        return steps[0] if len(steps) else None
 
     def extend(self, keypoint_frames: np.ndarray) -> np.ndarray:
         """Add (n, 258) frames at once; return the (k, feature_dim) steps they complete, k >= 0.
