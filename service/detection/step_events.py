@@ -82,7 +82,7 @@ class StepStream:
         self.hop_steps = int(hop_steps or self.chunk)
         if self.hop_steps % self.chunk:
             raise ValueError(f"step-mode hop {self.hop_steps} must be a multiple of the chunk {self.chunk}")
-        self.score_threshold = score_threshold
+        self.score_threshold = card.postprocess.score_threshold if score_threshold is None else score_threshold
         self.classes = set(classes) if classes else None
         self.state = layout.initial_state()
         self.steps_in = 0  # steps fed to the model (zero padding of a final partial chunk included)
@@ -90,7 +90,6 @@ class StepStream:
         self.rings = [_LevelRing(self.window_steps // s + 1, card.num_classes) for s in layout.strides]
         # Positions with a score at or above the threshold, per level: decode sees nothing else, so a
         # decision whose window holds the same such positions as the last one reuses its detections.
-        self._threshold = card.postprocess.score_threshold if score_threshold is None else score_threshold
         self._hot: list[deque[int]] = [deque() for _ in layout.strides]
         self._last: tuple[tuple, list[Detection]] | None = None
         self._slot_levels = layout.slot_levels()
@@ -130,7 +129,7 @@ class StepStream:
         self.state = {PHASE_INPUT: out[PHASE_OUTPUT], STATE_INPUT: out[STATE_OUTPUT]}
         self.steps_in += self.chunk
         scores = out[SCORES_OUTPUT]
-        hot = np.max(scores, axis=1) >= self._threshold
+        hot = np.max(scores, axis=1) >= self.score_threshold
         for slot in np.flatnonzero(out[VALID_OUTPUT]):
             if self._slot_offsets[slot] < real:
                 level = self._slot_levels[slot]
