@@ -278,6 +278,7 @@ def test_page_streams_the_fake_camera_and_survives_a_server_restart(model: Path,
             np.save(recording, synth_keypoints(240, [Gesture(2, 60, 150)], seed=1))
             page.upload("upload", "upload-file", recording)
             state = page.wait_for("the batch job done", lambda s: (s["job"] or {}).get("state") == "done", 60)
+            page.wait_for("the job's results shown", lambda s: s.get("jobShown") is True, 30)  # fetched after done
             result = json.loads(
                 page.evaluate(
                     "(() => { const img = document.getElementById('job-timeline');"

@@ -29,7 +29,7 @@
     connection: "idle", camera: "pending", streamId: null, ready: null,
     framesSent: 0, framesSkipped: 0, bytesSent: 0, eventsReceived: 0, gestureStarts: 0, gestureEnds: 0,
     statusMessages: 0, lastStatus: null, lastError: null, lastClose: null, reconnects: 0,
-    active: {}, recent: [], job: null,
+    active: {}, recent: [], job: null, jobShown: false,
   });
 
   let ws = null;
@@ -498,6 +498,7 @@
       el.jobDetections.tBodies[0].replaceChildren(...rows);
       el.jobDetections.hidden = false;
     }
+    state.jobShown = true;  // timeline and table are on the page
   }
 
   const num = (v) => (typeof v === "number" ? v.toFixed(2) : v ?? "");
@@ -515,6 +516,7 @@
     el.uploadButton.disabled = true;
     el.jobTimeline.hidden = true;
     el.jobDetections.hidden = true;
+    state.jobShown = false;
     try {
       const job = await uploadFile(file);
       state.job = job.job || job;
