@@ -17,8 +17,12 @@ completed coarse vector.
 The heads share their weights across levels, so the step form runs all levels' new positions as one
 packed axis of N = sum(n_l) positions (the output slot order): a time-mixing op keeps every level's
 last k-1 inputs in one state segment, and its taps are static gathers from [state; new inputs].
-This is ~5x fewer graph nodes than one call per level, which is what a chunk of a few positions
-costs in ONNX Runtime.
+
+A chunk holds a few positions per level, so its cost in ONNX Runtime is the number of graph nodes,
+not arithmetic. The form is written for few nodes: every kernel's k taps come from one gather as a
+(B, n, k, C) tensor and are reduced in one op; the depthwise DFA convs that read the same input
+(the encoder's three, a head layer's fine and coarse ones) run as one stack; GeReTanH's constant
+scale is folded into the weights its gate multiplies; the flat state is split once.
 
 Tensors are channel-last (B, T, C) here (the window model is (B, C, T)): 1x1 convs become MatMul,
 channel norms one LayerNormalization, and every gather or cache update moves whole contiguous
@@ -29,6 +33,8 @@ forward over the whole sequence (tests/test_step_model.py).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -38,31 +44,31 @@ from torch import nn
 from models.detector import Detector
 from models.nn.encoder import DynELayer
 from models.nn.head import DetectionHead, MSDyLayer
-from models.nn.layers import ChannelNorm, DFAConv, geretanh
+from models.nn.layers import ChannelNorm, DFAConv
 from models.nn.sta import SpatialTemporalAttention
 from service.contract.step_layout import StateSegment, StepLayout, is_power_of_two
-
-Valid = torch.Tensor | None  # (B,) bool per level; None: the level completes positions every chunk
 
 
 class _StateIO:
     """Reads state segments from the flat (B, S) vector in call order, collects their new values.
 
     With ``flat=None`` every read returns zeros (a fresh stream); that mode also discovers the layout.
+    With the layout's segment sizes, the flat vector is split once (one graph node, not one per read).
     """
 
-    def __init__(self, flat: torch.Tensor | None, batch: int, like: torch.Tensor) -> None:
+    def __init__(self, flat: torch.Tensor | None, batch: int, like: torch.Tensor, sizes: list[int] | None) -> None:
         self.flat, self.batch, self.like = flat, batch, like
+        self.pieces = list(torch.split(flat, sizes, dim=1)) if flat is not None and sizes else None
         self.segments: list[StateSegment] = []
         self.cursor = 0
         self.new: dict[str, torch.Tensor] = {}
 
     def read(self, name: str, level: int, shape: tuple[int, ...]) -> torch.Tensor:
-        size = 1
-        for d in shape:
-            size *= d
+        size = math.prod(shape)
         if self.flat is None:
             value = self.like.new_zeros((self.batch, *shape))
+        elif self.pieces is not None:
+            value = self.pieces[len(self.segments)].reshape(-1, *shape)
         else:
             value = self.flat[:, self.cursor : self.cursor + size].reshape(-1, *shape)
         self.segments.append(StateSegment(name, level, tuple(shape), self.cursor))
@@ -79,65 +85,123 @@ class _StateIO:
 
 @dataclass
 class _Call:
-    """Per-call values: state I/O and the per-stream validity of every level (from the phase)."""
+    """Per-call values: state I/O, and per level a keep-new mask (B, 1, 1) from the phase (None: the
+    level completes positions in every chunk) plus the packed head's masks."""
 
     io: _StateIO
-    valid: list[Valid]
+    level_masks: list[torch.Tensor | None]
     masks: dict[str, torch.Tensor | None]
 
 
-def _stream_mask(valid: Valid) -> torch.Tensor | None:
-    return None if valid is None else valid.view(-1, 1, 1)
+class _Consts(nn.Module):
+    """The detector's weights re-laid for the step form (transposed, tap-major, stacked, gate scale
+    folded), computed once at construction: the exported graph gets them as plain initializers
+    instead of re-deriving them in every call. A snapshot: build the StepDetector after training."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._names: dict[tuple[int, str], str] = {}
+
+    def get(self, owner: nn.Module, tag: str, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        name = self._names.get((id(owner), tag))
+        if name is None:
+            name = f"c{len(self._names)}"
+            with torch.no_grad():
+                self.register_buffer(name, make().detach().clone().contiguous(), persistent=False)
+            self._names[(id(owner), tag)] = name
+        return getattr(self, name)
 
 
 # -- channel-last forms of the window model's per-step ops (same weights) ---------------------------
 
 
-def _linear(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+def _linear(w: _Consts, x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
     """A 1x1 Conv1d on (B, T, C)."""
-    return F.linear(x, conv.weight.squeeze(-1), conv.bias)
+    return F.linear(x, w.get(conv, "weight", lambda: conv.weight[:, :, 0]), conv.bias)
 
 
-def _norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+def _norm(w: _Consts, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
     """ChannelNorm (LayerNorm over channels, biased variance) on (B, T, C); Identity passes through."""
     if isinstance(norm, ChannelNorm):
-        return F.layer_norm(x, (norm.weight.numel(),), norm.weight.view(-1), norm.bias.view(-1), norm.eps)
+        weight = w.get(norm, "weight", lambda: norm.weight.view(-1))
+        return F.layer_norm(x, weight.shape, weight, w.get(norm, "bias", lambda: norm.bias.view(-1)), norm.eps)
     return x
 
 
-def _conv_from_taps(taps: list[torch.Tensor], conv: nn.Conv1d) -> torch.Tensor:
-    """Conv1d of kernel k given its k taps (B, n, Cin) each: one MatMul over the tap-major stack."""
-    weight = conv.weight.permute(0, 2, 1).reshape(conv.out_channels, -1)  # [o, i*Cin + c] = w[o, c, i]
-    return F.linear(torch.cat(taps, dim=-1) if len(taps) > 1 else taps[0], weight, conv.bias)
+def _conv_taps(w: _Consts, taps: torch.Tensor, conv: nn.Conv1d, n: int) -> torch.Tensor:
+    """Conv1d of kernel k given its taps (B, n, k, Cin), tap k-1 the current input: one MatMul.
+
+    Sizes come from the modules, not from tensor shapes: traced shapes would put shape arithmetic
+    into the exported graph."""
+    k, c = conv.kernel_size[0], conv.in_channels
+    # [o, i*Cin + c] = w[o, c, i]: tap-major, as the taps are laid out.
+    weight = w.get(conv, "taps", lambda: conv.weight.permute(0, 2, 1).reshape(conv.out_channels, k * c))
+    return F.linear(taps.reshape(-1, n, k * c), weight, conv.bias)
 
 
-def _dfa_taps(m: DFAConv, taps: list[torch.Tensor]) -> torch.Tensor:
-    """DFAConv.forward given its k taps (B, n, C), tap k-1 being the current input. Same sums as
-    DFAConv, unrolled over the taps (ONNX Runtime's ReduceSum over a small tap axis is slow)."""
-    k = m.k
-    g_pre = m.gate_bias.view(-1)
-    for i, tap in enumerate(taps):
-        g_pre = g_pre + tap * m.gate_weight[0, :, i, 0]
-    g_c = geretanh(g_pre, m.tau)
-    g_k = geretanh(_linear(taps[-1], m.tap_gate), m.tau)  # (B, n, k)
-    if m.depthwise:
-        acc = None
-        for i, tap in enumerate(taps):
-            term = tap * (g_k[..., i : i + 1] * m.agg_weight[0, :, i, 0])
-            acc = term if acc is None else acc + term
-        y = acc * g_c + m.agg_bias.view(-1)
-    else:
-        # The window model stacks taps channel-major (index c*k + i) before its 1x1 aggregation.
-        modulated = torch.stack([tap * g_k[..., i : i + 1] for i, tap in enumerate(taps)], dim=-1)
-        b, n, c = taps[0].shape
-        y = _linear((modulated * g_c.unsqueeze(-1)).reshape(b, n, c * k), m.agg)
-    return _norm(y, m.norm)
+def _gate(z: torch.Tensor, tau: float) -> torch.Tensor:
+    """GeReTanH times (1 + tanh tau), for a pre-activation already shifted by -tau (in its bias).
+    The constant 1 / (1 + tanh tau) is folded into the weights the gate multiplies."""
+    return torch.relu(torch.tanh(z) + math.tanh(tau))
 
 
-def _slices(ext: torch.Tensor, k: int, n: int) -> list[torch.Tensor]:
-    """The k taps of the last n positions of ext (B, >= k-1+n, C)."""
-    ext = ext[:, ext.shape[1] - (k - 1 + n) :]
-    return [ext[:, i : i + n] for i in range(k)]
+def _gate_scale(tau: float) -> float:
+    return 1.0 / (1.0 + math.tanh(tau))
+
+
+def _front_pad(w: torch.Tensor, span: int) -> torch.Tensor:
+    """(k, ...) per-tap weights -> (span, ...) with zeros for the older taps a kernel k < span never reads."""
+    return F.pad(w, (0, 0) * (w.dim() - 1) + (span - w.shape[0], 0))
+
+
+def _stack_weights(mods: list[DFAConv], span: int) -> dict[str, torch.Tensor]:
+    """A depthwise DFA stack's weights, per tap (oldest first) and conv: gate (K, D, C), tap gate
+    (K*D, C) with columns (tap, conv), aggregation (K, D, C) with both gate scales folded in."""
+    tau = mods[0].tau
+    s = _gate_scale(tau)
+    c = mods[0].gate_bias.numel()
+    return {
+        "gate_w": torch.stack([_front_pad(m.gate_weight[0, :, :, 0].t(), span) for m in mods], dim=1),
+        "gate_b": torch.stack([m.gate_bias.view(-1) - tau for m in mods]),
+        "tap_w": torch.stack([_front_pad(m.tap_gate.weight[:, :, 0], span) for m in mods], dim=1).reshape(-1, c),
+        "tap_b": torch.stack([_front_pad(m.tap_gate.bias.view(-1, 1), span)[:, 0] for m in mods], dim=1).reshape(-1)
+        - tau,
+        "agg_w": torch.stack([_front_pad(m.agg_weight[0, :, :, 0].t(), span) for m in mods], dim=1) * (s * s),
+        "agg_b": torch.stack([m.agg_bias.view(-1) for m in mods]),
+    }
+
+
+def _depthwise_dfa_stack(w: _Consts, mods: list[DFAConv], taps: torch.Tensor, x: torch.Tensor, n: int) -> torch.Tensor:
+    """Several depthwise DFAConvs (no norm) on the same input, as one stack: (B, n, len(mods), C).
+
+    taps (B, n, K, 1, C): the last K inputs of every position, oldest first (K: the largest kernel);
+    x (B, n, C): the current input (tap K-1). A kernel k reads the newest k taps; its weights are
+    zero on the older ones (a zero-weight tap adds nothing). Same sums as DFAConv.forward, reordered."""
+    span, tau = max(m.k for m in mods), mods[0].tau
+    if any(m.tau != tau or not m.depthwise or not isinstance(m.norm, nn.Identity) for m in mods):
+        raise ValueError("a DFA stack needs depthwise convs without norm and one gate threshold")
+    p = {
+        key: w.get(mods[0], f"stack{len(mods)}.{span}.{key}", lambda key=key: _stack_weights(mods, span)[key])
+        for key in ("gate_w", "gate_b", "tap_w", "tap_b", "agg_w", "agg_b")
+    }
+    g_c = _gate((taps * p["gate_w"]).sum(dim=2) + p["gate_b"], tau)  # (B, n, D, C)
+    g_k = _gate(F.linear(x, p["tap_w"], p["tap_b"]), tau).reshape(-1, n, span, len(mods), 1)
+    return (taps * (g_k * p["agg_w"])).sum(dim=2) * g_c + p["agg_b"]
+
+
+def _full_dfa(w: _Consts, m: DFAConv, taps: torch.Tensor, x: torch.Tensor, n: int) -> torch.Tensor:
+    """A DFAConv with a full (1x1 over the stacked taps) aggregation. taps (B, n, k, C), x (B, n, C)."""
+    k, c = m.k, m.gate_bias.numel()
+    tau, s = m.tau, _gate_scale(m.tau)
+    gate_w = w.get(m, "gate_w", lambda: m.gate_weight[0, :, :, 0].t())
+    gate_b = w.get(m, "gate_b", lambda: m.gate_bias.view(-1) - tau)
+    g_c = _gate((taps * gate_w).sum(dim=2) + gate_b, tau)
+    tap_w = w.get(m, "tap_w", lambda: m.tap_gate.weight[:, :, 0])
+    g_k = _gate(F.linear(x, tap_w, w.get(m, "tap_b", lambda: m.tap_gate.bias - tau)), tau).unsqueeze(-1)
+    # The window model stacks taps channel-major (index c*k + i); here they are tap-major.
+    weight = w.get(m, "agg_w", lambda: m.agg.weight.view(-1, c, k).permute(0, 2, 1).reshape(-1, k * c) * (s * s))
+    y = F.linear((taps * g_k * g_c.unsqueeze(2)).reshape(-1, n, k * c), weight, m.agg.bias)
+    return _norm(w, y, m.norm)
 
 
 class StepDetector(nn.Module):
@@ -157,15 +221,21 @@ class StepDetector(nn.Module):
         if cfg.levels < 2:
             raise ValueError("the step form needs at least two pyramid levels")
         self.det = detector.eval()
+        self.w = _Consts()
         self.cfg = cfg
         self.chunk_steps = chunk_steps
         self.levels = cfg.levels
         self.n = [max(chunk_steps // s, 1) for s in cfg.strides]
         self.starts = [sum(self.n[:lvl]) for lvl in range(self.levels)]
+        self.n_all = sum(self.n)  # positions on the heads' packed axis
+        # Levels whose positions complete only in some chunks (stride > H): their state is masked.
+        self.phased = [s > chunk_steps for s in cfg.strides]
         self._build_indices()
+        self._sizes: list[int] | None = None
         with torch.no_grad():
             call = self._run(torch.zeros(1, chunk_steps, cfg.input_dim), None, torch.zeros(1, 1))[-1]
         self.layout = StepLayout(chunk_steps, cfg.strides, tuple(call.io.segments))
+        self._sizes = [s.size for s in self.layout.segments]
 
     @property
     def state_size(self) -> int:
@@ -180,7 +250,7 @@ class StepDetector(nn.Module):
         scores, offsets, valid, phase_out, call = self._run(features, state, phase)
         return scores, offsets, valid, call.io.output(), phase_out
 
-    # -- static gather indices of the packed head ---------------------------------------------------
+    # -- static gather indices --------------------------------------------------------------------
 
     def _index(self, key: str, values: list[int]) -> None:
         self.register_buffer(f"_i_{key}", torch.tensor(values, dtype=torch.long), persistent=False)
@@ -201,16 +271,15 @@ class StepDetector(nn.Module):
         self.head_keeps = sorted(k for k in keeps if k > 0)
         for keep in self.head_keeps:
             self._index(f"hist{keep}", [ext_pos(lvl, keep, n + m) for lvl, n in enumerate(self.n) for m in range(keep)])
+            self._index(f"hist{keep}_level", [lvl for lvl in range(big_l) for _ in range(keep)])
+            # The keep+1 taps of every new position, position-major: one gather -> (B, N, k, C).
             k = keep + 1
-            for i in range(k):
-                taps = [ext_pos(lvl, keep, i + j) for lvl, n in enumerate(self.n) for j in range(n)]
-                self._index(f"tap{k}_{keep}_{i}", taps)
-        if cfg.sta and cfg.sta_window > 1:
-            w = cfg.sta_window
-            self._index(
-                f"win{w}",
-                [ext_pos(lvl, w - 1, j + i) for lvl, n in enumerate(self.n) for j in range(n) for i in range(w)],
-            )
+            taps = [ext_pos(lvl, keep, j + i) for lvl, n in enumerate(self.n) for j in range(n) for i in range(k)]
+            self._index(f"taps{keep}", taps)
+        # Encoder windows: the last `span` inputs of each of n new positions in [cache (span-1); new (n)].
+        for n in sorted(set(self.n)):
+            for span in range(2, max(cfg.stat_window, cfg.encoder_kernel_wide, cfg.embed_kernel, 2) + 1):
+                self._index(f"win{span}_{n}", [j + i for j in range(n) for i in range(span)])
         # Fine -> coarse: coarse j takes fine 2j+1 (index n_all: a zero row for level 0).
         from_fine = [n_all] * self.n[0]
         for lvl in range(1, big_l):
@@ -219,106 +288,113 @@ class StepDetector(nn.Module):
         self._index("from_fine", from_fine)
         # Coarse -> fine on ext_c = [last coarse output of levels 1..L-1; N new coarse outputs; zero].
         new_col = big_l - 1
-        up_new, up_old = [], []
+        up_new, up_old, coarse_level = [], [], []
         for lvl, n in enumerate(self.n):
             if lvl == big_l - 1:
                 up_new += [new_col + n_all] * n
                 up_old += [new_col + n_all] * n
+                coarse_level += [0] * n
                 continue
             cached, first = lvl, new_col + self.starts[lvl + 1]
             if n >= 2:  # fine i reads cached (i=0) or new coarse (i+1)//2-1
                 cols = [cached] + [first + (i + 1) // 2 - 1 for i in range(1, n)]
                 up_new += cols
                 up_old += cols
+                coarse_level += [0] * n  # level 0 is never phased: always "new"
             else:  # fine i=2j+1 reads coarse j (new in this chunk), i=2j reads the cached j-1
                 up_new.append(first)
                 up_old.append(cached)
+                coarse_level.append(lvl + 1)  # new iff the coarse level completed a position
         self._index("from_coarse", up_new)
         self._index("from_coarse_old", up_old)
+        self._index("coarse_new_level", coarse_level)
         self._index("coarse_last", [new_col + self.starts[m] + self.n[m] - 1 for m in range(1, big_l)])
+        self._index("coarse_last_level", list(range(1, big_l)))
         self._index("level_of_slot", [lvl for lvl, n in enumerate(self.n) for _ in range(n)])
+        self.register_buffer("_strides", torch.tensor(cfg.strides, dtype=torch.float32), persistent=False)
 
-    def _masks(self, valid: list[Valid], batch: int, device: torch.device) -> dict[str, torch.Tensor | None]:
-        """Per-stream keep-new masks (B, rows, 1) for the packed head's cached rows (None: always new)."""
-        masks: dict[str, torch.Tensor | None] = {}
-        if all(v is None for v in valid):
-            for keep in self.head_keeps:
-                masks[f"hist{keep}"] = None
-            masks["coarse_new"] = masks["coarse_last"] = None
-            return masks
-        ones = torch.ones(batch, device=device, dtype=torch.bool)
-        cols = [ones if v is None else v for v in valid]
-        for keep in self.head_keeps:
-            masks[f"hist{keep}"] = torch.stack([c for c in cols for _ in range(keep)], dim=1).unsqueeze(-1)
-        # Position of level l with one slot whose coarse level is phase dependent: new coarse iff valid.
-        top = self.levels - 1
-        coarse_new = [cols[lvl + 1] if lvl < top and n == 1 else ones for lvl, n in enumerate(self.n) for _ in range(n)]
-        masks["coarse_new"] = torch.stack(coarse_new, dim=1).unsqueeze(-1)
-        masks["coarse_last"] = torch.stack(cols[1:], dim=1).unsqueeze(-1)
-        return masks
+    def _masks(self, completes: torch.Tensor) -> tuple[list[torch.Tensor | None], dict[str, torch.Tensor | None]]:
+        """completes (B, L) bool: does level l complete a position in this chunk, per stream."""
+        if not any(self.phased):
+            return [None] * self.levels, dict.fromkeys(
+                [f"hist{k}" for k in self.head_keeps] + ["coarse_new", "coarse_last"]
+            )
+        level_masks = [completes[:, lvl].view(-1, 1, 1) if p else None for lvl, p in enumerate(self.phased)]
+
+        def rows(key: str) -> torch.Tensor:
+            return torch.index_select(completes, 1, self._idx(key)).unsqueeze(-1)
+
+        masks: dict[str, torch.Tensor | None] = {f"hist{k}": rows(f"hist{k}_level") for k in self.head_keeps}
+        masks["coarse_new"] = rows("coarse_new_level")
+        masks["coarse_last"] = rows("coarse_last_level")
+        return level_masks, masks
 
     # -- the chunk computation ---------------------------------------------------------------------
 
     def _run(self, features: torch.Tensor, state: torch.Tensor | None, phase: torch.Tensor):
         cfg, h = self.cfg, self.chunk_steps
-        batch = features.shape[0]
-        # Level l completes a position in this chunk iff (steps consumed after it) % s == 0.
-        end = phase.view(-1) + h
-        valid: list[Valid] = [None if s <= h else torch.remainder(end, s) == 0 for s in cfg.strides]
-        call = _Call(_StateIO(state, batch, features), valid, self._masks(valid, batch, features.device))
+        # Level l completes a position in this chunk iff (steps consumed after it) % s == 0; always
+        # true for s <= H, as the phase is a multiple of H.
+        completes = torch.remainder(phase + h, self._strides) == 0  # (B, L)
+        level_masks, masks = self._masks(completes)
+        call = _Call(_StateIO(state, features.shape[0], features, self._sizes), level_masks, masks)
         det = self.det
         x = (features - det.feat_mean) / det.feat_std  # (B, H, D)
         packed = torch.cat(self._encoder(call, x), dim=1)  # (B, N, C): levels in slot order
         cls = self._head(call, "cls", det.cls_head, packed)
         reg = self._head(call, "reg", det.reg_head, packed)
-        scale = torch.stack([s.scale * float(st) for s, st in zip(det.reg_head.scales, cfg.strides, strict=True)])
         scores = torch.sigmoid(cls)
         # ReLU(scale_l * o) * s_l == ReLU(o * scale_l * s_l) since s_l > 0.
-        offsets = torch.relu(reg * torch.index_select(scale, 0, self._i_level_of_slot).unsqueeze(-1))
-        always = torch.ones(batch, 1, dtype=torch.bool, device=features.device)
-        flags = [(always if v is None else v.view(-1, 1)).expand(batch, n) for v, n in zip(valid, self.n, strict=True)]
+        offsets = torch.relu(reg * self.w.get(det.reg_head, "slot_scale", self._slot_scale))
+        valid = torch.index_select(completes, 1, self._i_level_of_slot)
         phase_out = torch.remainder(phase + h, cfg.max_stride)
-        return scores, offsets, torch.cat(flags, dim=1), phase_out, call
+        return scores, offsets, valid, phase_out, call
+
+    def _slot_scale(self) -> torch.Tensor:
+        """(N, 1): each slot's regression scale times its level's stride."""
+        scales = self.det.reg_head.scales
+        per_level = torch.stack([s.scale * float(st) for s, st in zip(scales, self.cfg.strides, strict=True)])
+        return torch.index_select(per_level, 0, self._i_level_of_slot).unsqueeze(-1)
 
     # -- encoder: per level (each level has its own weights) ----------------------------------------
 
     @staticmethod
-    def _extend(call: _Call, name: str, level: int, x: torch.Tensor, keep: int) -> torch.Tensor:
+    def _extend(call: _Call, name: str, level: int, x: torch.Tensor, keep: int, channels: int) -> torch.Tensor:
         """[last ``keep`` inputs of this op; x] along time: the op's past-only view; caches the tail."""
         if keep <= 0:
             return x
-        old = call.io.read(name, level, (keep, x.shape[-1]))
+        old = call.io.read(name, level, (keep, channels))
         ext = torch.cat([old, x], dim=1)
-        call.io.write(name, ext[:, -keep:], old, _stream_mask(call.valid[level]))
+        call.io.write(name, ext[:, -keep:], old, call.level_masks[level])
         return ext
 
+    def _windows(self, ext: torch.Tensor, span: int, n: int, channels: int) -> torch.Tensor:
+        """(B, n, span, C): the last ``span`` inputs of each position of ext = [span-1 cached; n new]."""
+        if span == 1:
+            return ext.unsqueeze(2)
+        return torch.index_select(ext, 1, self._idx(f"win{span}_{n}")).reshape(-1, n, span, channels)
+
     def _dyne(self, call: _Call, name: str, level: int, layer: DynELayer, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[1]
-        u = _norm(x, layer.norm)
+        n, c = self.n[level], self.cfg.channels
+        u = _norm(self.w, x, layer.norm)
         window = layer.inst_mean.window
-        keep = max(window - 1, layer.dfa_w.k - 1, layer.dfa_wide.k - 1, 0)
-        ext = self._extend(call, f"{name}.u", level, u, keep)
-        if window > 1:
-            taps = _slices(ext, window, n)
-            mean = taps[0]
-            for tap in taps[1:]:
-                mean = mean + tap
-            mean = mean * (1.0 / window)
-        else:
-            mean = u
-        inst = _dfa_taps(layer.inst_dfa, [u]) * torch.relu(_linear(mean, layer.inst_fc))
-        multi = _dfa_taps(layer.dfa_w, _slices(ext, layer.dfa_w.k, n)) + _dfa_taps(
-            layer.dfa_wide, _slices(ext, layer.dfa_wide.k, n)
-        )
-        x = x + inst + multi
+        dfas = [layer.inst_dfa, layer.dfa_w, layer.dfa_wide]
+        kernel = max(m.k for m in dfas)
+        span = max(window, kernel)
+        win = self._windows(self._extend(call, f"{name}.u", level, u, span - 1, c), span, n, c)
+        mean = win[:, :, span - window :].mean(dim=2) if window > 1 else u
+        y = _depthwise_dfa_stack(self.w, dfas, win[:, :, span - kernel :].unsqueeze(3), u, n)  # (B, n, 3, C)
+        inst = y[:, :, 0] * torch.relu(_linear(self.w, mean, layer.inst_fc))
+        x = x + inst + y[:, :, 1] + y[:, :, 2]
         ffn_in, act, ffn_out = layer.ffn
-        return x + _linear(act(_linear(_norm(x, layer.ffn_norm), ffn_in)), ffn_out)
+        return x + _linear(self.w, act(_linear(self.w, _norm(self.w, x, layer.ffn_norm), ffn_in)), ffn_out)
 
     def _encoder(self, call: _Call, x: torch.Tensor) -> list[torch.Tensor]:
         enc, cfg = self.det.encoder, self.cfg
         for i, (conv, norm) in enumerate(zip(enc.embed.convs, enc.embed.norms, strict=True)):
-            ext = self._extend(call, f"enc.embed{i}.x", 0, x, conv.k - 1)
-            x = torch.relu(_norm(_conv_from_taps(_slices(ext, conv.k, x.shape[1]), conv.conv), norm))
+            n, c = self.n[0], conv.conv.in_channels
+            taps = self._windows(self._extend(call, f"enc.embed{i}.x", 0, x, conv.k - 1, c), conv.k, n, c)
+            x = torch.relu(_norm(self.w, _conv_taps(self.w, taps, conv.conv, n), norm))
         for i, layer in enumerate(enc.stem):
             x = self._dyne(call, f"enc.stem{i}", 0, layer, x)
         levels = [x]
@@ -327,55 +403,53 @@ class StepDetector(nn.Module):
                 x = torch.maximum(x[:, 0::2], x[:, 1::2])
             else:  # one fine position per chunk: pair it with the cached even one
                 pending = call.io.read(f"enc.L{lvl}.pending", lvl, (1, cfg.channels))
-                call.io.write(f"enc.L{lvl}.pending", x, pending, _stream_mask(call.valid[lvl - 1]))
+                call.io.write(f"enc.L{lvl}.pending", x, pending, call.level_masks[lvl - 1])
                 x = torch.maximum(pending, x)
             x = self._dyne(call, f"enc.L{lvl}", lvl, layer, x)
             levels.append(x)
-        return [_norm(f, norm) for norm, f in zip(enc.level_norms, levels, strict=True)]
+        return [_norm(self.w, f, norm) for norm, f in zip(enc.level_norms, levels, strict=True)]
 
     # -- heads: all levels packed on one position axis (weights are shared across levels) ---------
 
-    def _hist(self, call: _Call, name: str, x: torch.Tensor, keep: int) -> torch.Tensor:
-        """ext = [every level's last ``keep`` inputs; x (B, N, C)]: taps are static gathers from it."""
-        old = call.io.read(name, -1, (self.levels * keep, x.shape[-1]))
+    def _taps(self, call: _Call, name: str, x: torch.Tensor, k: int, channels: int) -> torch.Tensor:
+        """(B, N, k, C): the k taps of every new position. The op's state is every level's last k-1
+        inputs; ext = [that state; x (B, N, C)] and the taps are one static gather from it."""
+        if k == 1:
+            return x.unsqueeze(2)
+        keep = k - 1
+        old = call.io.read(name, -1, (self.levels * keep, channels))
         ext = torch.cat([old, x], dim=1)
         call.io.write(name, torch.index_select(ext, 1, self._idx(f"hist{keep}")), old, call.masks[f"hist{keep}"])
-        return ext
-
-    def _taps(self, ext: torch.Tensor, k: int, keep: int) -> list[torch.Tensor]:
-        return [torch.index_select(ext, 1, self._idx(f"tap{k}_{keep}_{i}")) for i in range(k)]
+        return torch.index_select(ext, 1, self._idx(f"taps{keep}")).reshape(-1, self.n_all, k, channels)
 
     def _msdy(self, call: _Call, name: str, layer: MSDyLayer, x: torch.Tensor) -> torch.Tensor:
-        keep = layer.from_fine.k - 1
-        taps = self._taps(self._hist(call, f"{name}.x", x, keep), layer.from_fine.k, keep) if keep else [x]
-        fine = _dfa_taps(layer.from_fine, taps)
-        coarse = _dfa_taps(layer.from_coarse, taps)
+        c, n = self.cfg.channels, self.n_all
+        taps = self._taps(call, f"{name}.x", x, layer.from_fine.k, c)
+        both = _depthwise_dfa_stack(self.w, [layer.from_fine, layer.from_coarse], taps.unsqueeze(3), x, n)  # (B,N,2,C)
         # Coarse j takes fine 2j+1, the newest of its pair (level 0 reads the zero row).
-        nb = torch.index_select(torch.cat([fine, torch.zeros_like(fine[:, :1])], dim=1), 1, self._i_from_fine)
+        nb = torch.index_select(F.pad(both[:, :, 0], (0, 0, 0, 1)), 1, self._i_from_fine)
         # Fine i takes coarse floor((i+1)/2)-1, the newest complete one: cached, or new in this chunk.
-        last = call.io.read(f"{name}.coarse_last", -1, (self.levels - 1, x.shape[-1]))
-        ext_c = torch.cat([last, coarse, torch.zeros_like(coarse[:, :1])], dim=1)
+        last = call.io.read(f"{name}.coarse_last", -1, (self.levels - 1, self.cfg.channels))
+        ext_c = torch.cat([last, F.pad(both[:, :, 1], (0, 0, 0, 1))], dim=1)
         up = torch.index_select(ext_c, 1, self._i_from_coarse)
         if call.masks["coarse_new"] is not None:
             up = torch.where(call.masks["coarse_new"], up, torch.index_select(ext_c, 1, self._i_from_coarse_old))
         newest = torch.index_select(ext_c, 1, self._i_coarse_last)
         call.io.write(f"{name}.coarse_last", newest, last, call.masks["coarse_last"])
         fused = layer.beta * x + layer.alpha * (nb + up)
-        k = layer.depth.k
-        dtaps = self._taps(self._hist(call, f"{name}.fused", fused, k - 1), k, k - 1) if k > 1 else [fused]
-        return torch.relu(_dfa_taps(layer.depth, dtaps))
+        return torch.relu(
+            _full_dfa(self.w, layer.depth, self._taps(call, f"{name}.fused", fused, layer.depth.k, c), fused, n)
+        )
 
     def _sta(self, call: _Call, name: str, sta: SpatialTemporalAttention, x: torch.Tensor) -> torch.Tensor:
         window = sta.avg.window
         if window > 1:
-            ext = self._hist(call, f"{name}.x", x, window - 1)
-            b, n, c = x.shape
-            win = torch.index_select(ext, 1, self._idx(f"win{window}")).reshape(b, n, window, c)
-            avg, mx = win.mean(dim=2), win.amax(dim=2)
+            win = self._taps(call, f"{name}.x", x, window, self.cfg.channels)
+            stats = torch.cat([win.mean(dim=2, keepdim=True), win.amax(dim=2, keepdim=True)], dim=2)
         else:
-            avg = mx = x
+            stats = torch.stack([x, x], dim=2)
         fc1, act, fc2 = sta.mlp
-        a_c = torch.sigmoid(_linear(act(_linear(avg, fc1)), fc2) + _linear(act(_linear(mx, fc1)), fc2))
+        a_c = torch.sigmoid(_linear(self.w, act(_linear(self.w, stats, fc1)), fc2).sum(dim=2))  # MLP(avg) + MLP(max)
         x_c = x * (1 + a_c) if sta.residual else x * a_c
         pooled = torch.cat([x_c.mean(dim=-1, keepdim=True), x_c.amax(dim=-1, keepdim=True)], dim=-1)
         gate = torch.sigmoid(self._conv(call, f"{name}.pooled", sta.time_conv.conv, pooled))
@@ -383,9 +457,8 @@ class StepDetector(nn.Module):
 
     def _conv(self, call: _Call, name: str, conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
         """A causal Conv1d of kernel k on the packed axis."""
-        k = conv.kernel_size[0]
-        taps = self._taps(self._hist(call, name, x, k - 1), k, k - 1) if k > 1 else [x]
-        return _conv_from_taps(taps, conv)
+        taps = self._taps(call, name, x, conv.kernel_size[0], conv.in_channels)
+        return _conv_taps(self.w, taps, conv, self.n_all)
 
     def _head(self, call: _Call, name: str, head: DetectionHead, x: torch.Tensor) -> torch.Tensor:
         for j, layer in enumerate(head.layers):
