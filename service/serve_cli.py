@@ -74,6 +74,7 @@ def serve(
         # the protocol layer closes with 1009 beyond four times that.
         ws_max_size=4 * settings.max_message_bytes,
         ws_per_message_deflate=settings.ws_compression,
+        ws=settings.ws_protocol,
         timeout_graceful_shutdown=10,
     )
     server = Server(config)

@@ -179,8 +179,13 @@ def _threads(server) -> dict:
     return httpx.get(f"{server.http}/v1/models", headers=AUTH, timeout=10).json()["data"][0]["threads"]
 
 
+def _websocket(server) -> dict:
+    return httpx.get(f"{server.http}/v1/models", headers=AUTH, timeout=10).json()["data"][0]["websocket"]
+
+
 def test_compression_and_threading_follow_the_settings(server, tiny_model, tmp_path: Path) -> None:
     assert _negotiated_extensions(server.ws) is None  # binary frames: deflate would cost CPU for ~4 %
+    assert _websocket(server) == {"implementation": "websockets-sansio", "compression": False}
     assert _threads(server) == {
         "intra_op": 1,
         "intra_op_spinning": False,
@@ -193,9 +198,11 @@ def test_compression_and_threading_follow_the_settings(server, tiny_model, tmp_p
         "MGSTREAM_INTRA_OP_THREADS": "2",
         "MGSTREAM_GIL_SWITCH_INTERVAL_MS": "2",
         "MGSTREAM_GC_GEN0_THRESHOLD": "1000",
+        "MGSTREAM_WS_PROTOCOL": "websockets",
     }
     with run_server(tiny_model, tmp_path, env=env) as srv:
         assert "permessage-deflate" in (_negotiated_extensions(srv.ws) or "")
+        assert _websocket(srv) == {"implementation": "websockets", "compression": True}
         assert _threads(srv) == {
             "intra_op": 2,
             "intra_op_spinning": False,

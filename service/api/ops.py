@@ -76,6 +76,10 @@ async def models(request: Request) -> JSONResponse:
                         "gil_switch_interval_ms": round(sys.getswitchinterval() * 1000, 6),
                         "gc_threshold": list(gc.get_threshold()),
                     },
+                    "websocket": {
+                        "implementation": state.settings.ws_protocol,
+                        "compression": state.settings.ws_compression,
+                    },
                 }
             ]
         }
