@@ -58,14 +58,22 @@ def _with_window(det, window: int):
     return other
 
 
-def _session(path: Path, threads: int):
+def _session(path: Path, threads: int, optimized: Path | None = None):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    if optimized is not None:  # the graph as onnxruntime runs it, after its own fusions
+        opts.optimized_model_filepath = str(optimized)
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _node_count(path: Path) -> int:
+    import onnx
+
+    return len(onnx.load(str(path), load_external_data=False).graph.node)
 
 
 class StepFeeds:
@@ -136,11 +144,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         card = build_card(det, PostProcess(), {}, name="bench")
         step_path = export_step_onnx(det, Path(tmp) / "m.step.onnx", card, args.chunk)
-        step_sess = _session(step_path, args.threads)
+        step_sess = _session(step_path, args.threads, optimized=Path(tmp) / "m.step.optimized.onnx")
         layout = StepLayout.from_dict(StepDetector(det, args.chunk).layout.to_dict())
         print(
             f"step state: {layout.state_size} floats ({layout.state_size * 4 / 1024:.1f} KiB) per stream, "
-            f"{layout.num_slots} output slots per chunk"
+            f"{layout.num_slots} output slots per chunk; step graph: {_node_count(step_path)} nodes exported, "
+            f"{_node_count(Path(tmp) / 'm.step.optimized.onnx')} after onnxruntime's optimisation"
         )
         step_feeds = {b: StepFeeds(step_sess, layout, b, cfg.input_dim, rng).feeds for b in args.batches}
         cells = {}
