@@ -124,6 +124,7 @@ class ArraySource:
         max_seconds: float | None = None,
         frames_per_message: int = 1,
     ) -> None:
+        """frames_per_message 0: one feature step's frames, once ``frames_per_step`` is known."""
         array = np.load(path, allow_pickle=False)
         if array.ndim != 2 or array.shape[0] == 0:
             raise ValueError(f"{path} holds an array of shape {array.shape}; expected (T, 258) or (T, D)")
@@ -132,27 +133,34 @@ class ArraySource:
         self.fps = float(fps) if fps else 30.0  # frames per second, also for feature steps
         self.realtime = realtime
         self.max_seconds = max_seconds
-        self.frames_per_step = 1  # set from the server's ready message for feature input
+        self.frames_per_step = 1  # set from the server's ready message
         self.total_frames = len(self.array)
-        if frames_per_message < 1:
-            raise ValueError("frames per message must be at least 1")
+        if frames_per_message < 0:
+            raise ValueError("frames per message must be at least 1, or 0 for one feature step")
         # Keypoints only: several frames go in one message, sent when the last of them is due.
-        self.group = frames_per_message if self.kind == "keypoints" else 1
+        self.frames_per_message = frames_per_message if self.kind == "keypoints" else 1
+
+    @property
+    def group(self) -> int:
+        """Frames per message: a whole feature step when asked for 0 (the step completes with its last
+        frame anyway, so no event comes later), else as asked."""
+        return self.frames_per_message or self.frames_per_step
 
     @property
     def input_kind(self) -> str:
         return self.kind
 
     async def frames(self) -> AsyncIterator[Item]:
-        # One message covers one frame (keypoints) or frames_per_step frames (a feature step).
+        # One row is one frame (keypoints) or one feature step of frames_per_step frames.
         # With a group of n keypoint frames, one message carries n frames (an (n, 258) Item).
         period = (self.frames_per_step if self.kind == "features" else 1) / self.fps
+        group = self.group
         start = time.monotonic()
-        for sent, index in enumerate(range(0, len(self.array), self.group)):
+        for sent, index in enumerate(range(0, len(self.array), group)):
             media_time = index * period
             if self.max_seconds is not None and media_time >= self.max_seconds:
                 return
-            rows = self.array[index : index + self.group]
+            rows = self.array[index : index + group]
             if self.max_seconds is not None:  # no frame past the limit inside a group either
                 rows = rows[: max(1, int(np.ceil(self.max_seconds / period)) - index)]
             if self.realtime:
@@ -161,7 +169,7 @@ class ArraySource:
                     await asyncio.sleep(delay)
             elif sent % 64 == 0:
                 await asyncio.sleep(0)  # let the event printer run during --fast replays
-            yield Item(rows if self.group > 1 else rows[0], media_time)
+            yield Item(rows if group > 1 else rows[0], media_time)
 
 
 def open_source(
@@ -172,7 +180,7 @@ def open_source(
     fast: bool,
     max_width: int,
     max_seconds: float | None,
-    frames_per_message: int = 1,
+    frames_per_message: int = 0,
 ) -> CaptureSource | ArraySource:
     if (file is None) == (camera is None):
         raise ValueError("give either FILE or --camera")

@@ -385,8 +385,8 @@ def test_cli_replays_npy_at_real_time_pace(server, keypoints: np.ndarray, tmp_pa
 def test_cli_sends_a_steps_frames_per_message(server, keypoints: np.ndarray, tmp_path: Path) -> None:
     path = tmp_path / "kp.npy"
     np.save(path, keypoints)
-    grouped = _cli("stream", str(path), "--url", server.http, "--json", "--frames-per-message", "4")
-    single = _cli("stream", str(path), "--url", server.http, "--json")
+    grouped = _cli("stream", str(path), "--url", server.http, "--json")  # default: one step per message
+    single = _cli("stream", str(path), "--url", server.http, "--json", "--frames-per-message", "1")
     assert grouped.returncode == 0 and single.returncode == 0, grouped.stderr + single.stderr
     ends = [
         [{k: v for k, v in m.items() if k != "stream_id"} for m in _json_lines(r.stdout) if m["type"] == "gesture_end"]
@@ -395,6 +395,27 @@ def test_cli_sends_a_steps_frames_per_message(server, keypoints: np.ndarray, tmp
     assert ends[0] and ends[0] == ends[1]
     ended = _json_lines(grouped.stdout)[-1]
     assert ended["frames_received"] == ended["frames_processed"] == N_FRAMES
+
+
+def test_keypoint_replay_groups_one_feature_step_per_message_by_default(keypoints: np.ndarray, tmp_path: Path) -> None:
+    from client.sources import KEYPOINT_DIM, ArraySource
+
+    path = tmp_path / "kp.npy"
+    np.save(path, keypoints[:10])
+
+    def shapes(source: ArraySource) -> list[tuple[int, ...]]:
+        async def collect() -> list[tuple[int, ...]]:
+            return [item.data.shape async for item in source.frames()]
+
+        return asyncio.run(collect())
+
+    auto = ArraySource(path, realtime=False, frames_per_message=0)
+    auto.frames_per_step = 4  # what the server's `ready` says
+    assert shapes(auto) == [(4, KEYPOINT_DIM), (4, KEYPOINT_DIM), (2, KEYPOINT_DIM)]
+    assert shapes(ArraySource(path, realtime=False, frames_per_message=1)) == [(KEYPOINT_DIM,)] * 10
+    assert shapes(ArraySource(path, realtime=False, frames_per_message=3))[0] == (3, KEYPOINT_DIM)
+    with pytest.raises(ValueError, match="at least 1, or 0"):
+        ArraySource(path, frames_per_message=-1)
 
 
 def test_cli_camera_path_with_a_video_standing_in_for_the_device(server, video: Path) -> None:
