@@ -207,6 +207,7 @@ def _start_scheduler(app: FastAPI, runtime: ModelRuntime) -> Scheduler:
         buckets=list(settings.batch_buckets),
         metrics=app.state.metrics,
         on_dead=lambda reason: _on_dead(app, reason),
+        max_batches_in_flight=settings.max_batches_in_flight,
     )
     scheduler.start()
     return scheduler

@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     # --- scheduler ---
     max_batch: int = Field(32, ge=1, le=1024)
     max_wait_ms: float = Field(5.0, ge=0, le=1000)
+    max_batches_in_flight: int = Field(
+        2, ge=1, le=8, description="batches handed to the inference thread at once (it runs them in turn)"
+    )
     gc_gen0_threshold: int = Field(50_000, ge=100, description="allocations between young collections in `serve`")
     gil_switch_interval_ms: float = Field(
         0.5, gt=0, le=100, description="Python's thread switch interval in `serve` (its default is 5 ms)"

@@ -117,6 +117,40 @@ def test_requests_arriving_during_a_batch_form_the_next_one() -> None:
     assert run(main()).batches == [1, 4]  # the three waiting requests went out together
 
 
+@pytest.mark.parametrize("in_flight", [1, 2])
+def test_the_next_batch_is_handed_over_while_one_runs_up_to_the_limit(in_flight: int) -> None:
+    """With room for two batches, the next one is cut and queued on the inference thread while the
+    first still runs (it starts without a trip through the event loop); with room for one it waits."""
+
+    async def main() -> tuple[RecordingRuntime, int, list]:
+        rt = RecordingRuntime()
+        rt.gate = threading.Event()
+        sched = Scheduler(rt, max_batch=8, max_wait_ms=0, buckets=[1, 2, 8], max_batches_in_flight=in_flight)
+        sched.start()
+        first = asyncio.create_task(sched.submit("a", window(1)))
+        await asyncio.get_running_loop().run_in_executor(None, rt.entered.wait, 10)
+        second = asyncio.create_task(sched.submit("b", window(2)))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        waiting = sched.queue_depth  # requests not yet cut into a batch
+        third = asyncio.create_task(sched.submit("c", window(3)))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        rt.gate.set()
+        results = await asyncio.gather(first, second, third)
+        await sched.stop()
+        return rt, waiting, results
+
+    rt, waiting, results = run(main())
+    assert [float(r["total"]) for r in results] == [12.0, 24.0, 36.0]
+    if in_flight == 2:
+        assert waiting == 0 and rt.batches == [1, 1, 1]  # b was handed over alone, c after a slot freed
+    else:
+        assert waiting == 1 and rt.batches == [1, 2]  # b waited for a, and c joined it
+    with pytest.raises(ValueError, match="max_batches_in_flight"):
+        Scheduler(rt, max_batches_in_flight=0)
+
+
 def test_cancelled_requests_are_skipped() -> None:
     async def main():
         rt = RecordingRuntime()

@@ -9,6 +9,9 @@ Rules:
 - a batch is cut at the first request's submit time + ``max_wait``, or at ``max_batch`` requests;
   the wait is an event with a timeout, never a sleep-poll;
 - at most one request in flight per key (a stream), so the queue never outgrows the sessions;
+- up to ``max_batches_in_flight`` batches are handed to the inference thread at once: it runs them
+  one after another, and starts the next as soon as one ends instead of waiting for the busy event
+  loop to take the results and stack a new batch;
 - cancelled requests (their stream went away) are skipped before the run;
 - a failed batch fails every request in it; ``max_runtime_failures`` failed batches in a row mark
   the runtime dead, fail everything pending and call ``on_dead`` (the app then exits).
@@ -68,7 +71,10 @@ class Scheduler:
         buckets: list[int] | None = None,
         metrics: Metrics | None = None,
         on_dead: Callable[[str], None] | None = None,
+        max_batches_in_flight: int = 2,
     ) -> None:
+        if max_batches_in_flight < 1:
+            raise ValueError("max_batches_in_flight must be >= 1")
         self.runtime = runtime
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
@@ -81,7 +87,8 @@ class Scheduler:
         self._in_flight: set[str] = set()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self._running_batch = False
+        self._slots = asyncio.Semaphore(max_batches_in_flight)
+        self._runs: set[asyncio.Task] = set()  # batches handed to the inference thread, not yet back
         self._closed = False
         self.batches = 0
 
@@ -99,12 +106,15 @@ class Scheduler:
         """Refuse new work, let queued requests finish for up to ``drain_timeout`` s, then fail the rest."""
         self._closed = True
         deadline = time.monotonic() + drain_timeout
-        while (self._pending or self._running_batch) and time.monotonic() < deadline and self._task:
-            await asyncio.sleep(0.01)  # shutdown only: bounded wait for the last batch
+        while (self._pending or self._runs) and time.monotonic() < deadline and self._task:
+            await asyncio.sleep(0.01)  # shutdown only: bounded wait for the last batches
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        for run in list(self._runs):
+            run.cancel()
+        await asyncio.gather(*self._runs, return_exceptions=True)
         self._fail_pending(SchedulerClosed("server shutting down"))
         self._executor.shutdown(wait=True)
 
@@ -141,6 +151,7 @@ class Scheduler:
 
     async def _loop(self) -> None:
         while True:
+            await self._slots.acquire()  # a batch is cut only when the inference thread can take it
             while not self._pending:
                 self._wakeup.clear()
                 await self._wakeup.wait()
@@ -160,8 +171,16 @@ class Scheduler:
                 if not request.future.done():  # cancelled: its stream is gone
                     batch.append(request)
             self._set_depth()
-            if batch:
-                await self._run(batch)
+            if not batch:
+                self._slots.release()
+                continue
+            run = asyncio.get_running_loop().create_task(self._run(batch), name="batch")
+            self._runs.add(run)
+            run.add_done_callback(self._batch_done)
+
+    def _batch_done(self, run: asyncio.Task) -> None:
+        self._runs.discard(run)
+        self._slots.release()
 
     async def _run(self, batch: list[InferenceRequest]) -> None:
         started = time.monotonic()
@@ -169,18 +188,20 @@ class Scheduler:
             for r in batch:
                 self.metrics.queue_wait.observe(started - r.submitted)
             self.metrics.batch_size.observe(len(batch))
-        self._running_batch = True
         try:
             # Stacking and splitting stay on the event loop: the inference thread then needs the GIL
             # only around the native run, instead of trading it with the loop for every array copy.
             n, feed = self._stack([r.inputs for r in batch])
             out = await asyncio.get_running_loop().run_in_executor(self._executor, self.runtime.run, feed)
             outputs = self._split(out, n, len(next(iter(feed.values()))))
+        except asyncio.CancelledError:  # shutdown after the drain timeout
+            for request in batch:
+                if not request.future.done():
+                    request.future.set_exception(SchedulerClosed("server shutting down"))
+            raise
         except Exception as exc:  # noqa: BLE001 - every failure is fanned out to the batch's requests
             self._on_failure(batch, exc)
             return
-        finally:
-            self._running_batch = False
         self.batches += 1
         self.runtime.health.record_success()
         if self.metrics:
