@@ -62,6 +62,7 @@ _BREAKDOWN = {  # server histograms whose mean per level tells where a frame's t
 
 
 _F2E_BUCKET = 'mgstream_frame_to_event_seconds_bucket{le="'
+_LAG_BUCKET = 'mgstream_event_loop_lag_seconds_bucket{le="'
 
 
 def scrape(http: str) -> dict[str, float]:
@@ -72,29 +73,39 @@ def scrape(http: str) -> dict[str, float]:
     for line in httpx.get(f"{http}/metrics", timeout=10).text.splitlines():
         name, _, value = line.rpartition(" ")
         summary = name.endswith(("_sum", "_count")) and name.rsplit("_", 1)[0] in _BREAKDOWN.values()
-        if summary or name.startswith(_F2E_BUCKET):
+        if summary or name.startswith((_F2E_BUCKET, _LAG_BUCKET)):
             values[name] = float(value)
     return values
 
 
 def breakdown(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """Mean of each breakdown histogram over the observations made between two scrapes, and the
-    server's own p99 frame-to-event latency as the upper edge of the bucket that holds it."""
+    """Mean of each breakdown histogram over the observations made between two scrapes, the
+    server's own p99 frame-to-event latency as the upper edge of the bucket that holds it, and the
+    worst event-loop lag as the upper edge of the highest bucket that got an observation."""
     out = {}
     for key, metric in _BREAKDOWN.items():
         count = after.get(f"{metric}_count", 0) - before.get(f"{metric}_count", 0)
         total = after.get(f"{metric}_sum", 0) - before.get(f"{metric}_sum", 0)
         scale = 1.0 if key == "batch" else 1000.0
         out[key] = total / count * scale if count else float("nan")
-    buckets = sorted(
-        (float(name[len(_F2E_BUCKET) : -2]), after[name] - before.get(name, 0.0))
-        for name in after
-        if name.startswith(_F2E_BUCKET)
-    )
+    buckets = _cumulative(before, after, _F2E_BUCKET)
     total = buckets[-1][1] if buckets else 0.0
     edge = next((le for le, n in buckets if n >= 0.99 * total), float("nan")) if total else float("nan")
     out["server_p99_le_ms"] = edge * 1000.0
+    lag = _cumulative(before, after, _LAG_BUCKET)
+    total = lag[-1][1] if lag else 0.0
+    worst = next((le for le, n in lag if n >= total), float("nan")) if total else float("nan")
+    out["loop_lag_max_le_ms"] = worst * 1000.0
     return out
+
+
+def _cumulative(before: dict[str, float], after: dict[str, float], prefix: str) -> list[tuple[float, float]]:
+    """(upper edge, observations at or below it between the two scrapes), ascending."""
+    return sorted(
+        (float(name[len(prefix) : -2]), after[name] - before.get(name, 0.0))
+        for name in after
+        if name.startswith(prefix)
+    )
 
 
 # ---------------------------------------------------------------- client processes
@@ -245,9 +256,9 @@ def _sweep(
     )
     print(
         "| streams | events | p50 ms | p99 ms | drop % | server CPU | client CPU | load 1m "
-        "| batch | queue ms | infer ms | server f2e ms | server p99 ≤ ms |"
+        "| batch | queue ms | infer ms | server f2e ms | server p99 ≤ ms | loop lag max ≤ ms |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp, run_server(model, Path(tmp), env=env) as srv:
         for n in levels:
             if time.monotonic() > deadline:
@@ -309,7 +320,8 @@ def _sweep(
             print(
                 f"| {n} | {lat.size} | {p50:.1f} | {p99:.1f} | {drop:.2f} | {server_cores:.2f} | "
                 f"{client_cores:.2f} | {la:.2f} | {inside['batch']:.1f} | {inside['queue_ms']:.1f} | "
-                f"{inside['infer_ms']:.1f} | {inside['server_f2e_ms']:.1f} | {inside['server_p99_le_ms']:g} |{note}",
+                f"{inside['infer_ms']:.1f} | {inside['server_f2e_ms']:.1f} | {inside['server_p99_le_ms']:g} | "
+                f"{inside['loop_lag_max_le_ms']:g} |{note}",
                 flush=True,
             )
             if not lat.size:

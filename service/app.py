@@ -37,6 +37,7 @@ from service.features.base import UnsupportedInput
 from service.features.factory import INPUT_KINDS, create_featurizer
 from service.features.pool import FeaturizerPool
 from service.jobs.lifecycle import start_jobs, stop_jobs
+from service.loop_lag import watch_loop_lag
 from service.metrics import Metrics
 from service.runtime.base import ModelRuntime
 from service.streams.registry import SessionRegistry
@@ -158,6 +159,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.metrics.runtime_up.set(1)
     state.metrics.sessions_active.set(0)
     await start_jobs(app)  # batch jobs: recover interrupted ones, then run through the same scheduler
+    lag_watch = loop.create_task(watch_loop_lag(state.metrics.loop_lag.observe), name="loop-lag")
     state.ready = True
     log.info(
         "ready: model %s v%s on %s, %s mode, window %d, hop %d steps, inputs %s, batch buckets %s warmed in %.0f ms",
@@ -174,6 +176,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        lag_watch.cancel()
         await drain_streams(app)
         await stop_jobs(app)  # running jobs go back to queued and resume on the next start
         await state.registry.stop()

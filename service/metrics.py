@@ -32,6 +32,12 @@ class Metrics:
             buckets=_BATCH,
             registry=r,
         )
+        self.loop_lag = Histogram(
+            "mgstream_event_loop_lag_seconds",
+            "How late a 100 ms timer fired on the event loop",
+            buckets=_MS,
+            registry=r,
+        )
         self.frame_to_event = Histogram(
             "mgstream_frame_to_event_seconds",
             "Arrival of the frame that completed a window to its event sent",

@@ -196,8 +196,11 @@ def test_ops_endpoints(server) -> None:
         "mgstream_featurize_seconds_bucket",
         "mgstream_frame_to_event_seconds_bucket",
         "mgstream_runtime_up 1.0",
+        "mgstream_event_loop_lag_seconds_bucket",
     ):
         assert name in text
+    lag_count = next(line for line in text.splitlines() if line.startswith("mgstream_event_loop_lag_seconds_count"))
+    assert float(lag_count.split()[-1]) > 0  # the watcher has been firing since startup
 
 
 def test_header_frame_count_round_trips_and_zero_reads_as_one() -> None:
