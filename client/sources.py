@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-KEYPOINT_DIM = 258
+from service.contract.features import KEYPOINT_DIM
+
 DEFAULT_CAMERA_FPS = 15.0  # what a live camera sends unless --fps says otherwise: enough for micro-gestures
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"}
 

@@ -46,10 +46,10 @@ from service.api.protocol import (
     pack_frame,
     server_message_adapter,
 )
+from service.contract.features import KEYPOINT_DIM
 
 STREAMS_PATH = "/v1/streams"
 API_KEY_HEADER = "X-API-Key"
-KEYPOINT_DIM = 258
 
 InputName = Literal["jpeg", "png", "keypoints", "features"]
 ServerEvent = ReadyMessage | GestureEvent | StatusMessage | ErrorMessage | EndedMessage
