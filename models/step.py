@@ -18,11 +18,14 @@ The heads share their weights across levels, so the step form runs all levels' n
 packed axis of N = sum(n_l) positions (the output slot order): a time-mixing op keeps every level's
 last k-1 inputs in one state segment, and its taps are static gathers from [state; new inputs].
 
-A chunk holds a few positions per level, so its cost in ONNX Runtime is the number of graph nodes,
-not arithmetic. The form is written for few nodes: every kernel's k taps come from one gather as a
-(B, n, k, C) tensor and are reduced in one op; the depthwise DFA convs that read the same input
-(the encoder's three, a head layer's fine and coarse ones) run as one stack; GeReTanH's constant
-scale is folded into the weights its gate multiplies; the flat state is split once.
+A chunk holds a few positions per level, so its cost in ONNX Runtime is the number of graph nodes
+and the data they copy more than arithmetic. The form is written for few nodes: every kernel's k
+taps come from one gather as a (B, n, k, C) tensor and are reduced in one op; the depthwise DFA
+convs that read the same input (the encoder's three, a head layer's fine and coarse ones) run as
+one stack; GeReTanH's constant scale is folded into the weights its gate multiplies; the flat state
+is split once; re-laid weights are computed once (``_Consts``) and every size is a Python
+constant, so the graph does no shape or weight arithmetic per call (tests/test_step_model.py checks
+the export).
 
 Tensors are channel-last (B, T, C) here (the window model is (B, C, T)): 1x1 convs become MatMul,
 channel norms one LayerNormalization, and every gather or cache update moves whole contiguous

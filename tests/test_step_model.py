@@ -162,6 +162,23 @@ def test_onnx_step_model_matches_torch(detector: Detector, step_onnx: Path) -> N
     assert step_parity_check(detector, step_onnx, chunks=10, batch=3) <= 1e-4
 
 
+def test_onnx_step_graph_has_static_sizes_and_no_per_call_weight_work(step_onnx: Path) -> None:
+    """Every size in the step graph is a constant and re-laid weights are initializers: a traced
+    shape or a weight transform would add nodes to every call, which is what a chunk costs."""
+    import onnx
+
+    graph = onnx.load(str(step_onnx)).graph
+    ops = [n.op_type for n in graph.node]
+    assert "Shape" not in ops and "Size" not in ops
+    weights = {init.name for init in graph.initializer}
+    # No op reads only initializers (Identity aliases of equal weights aside, which cost nothing).
+    for node in graph.node:
+        inputs = [i for i in node.input if i]
+        if node.op_type == "Identity":
+            continue
+        assert not inputs or not set(inputs) <= weights, f"{node.op_type} {node.name} works on weights alone"
+
+
 def test_onnx_card_carries_the_layout(detector: Detector, step_onnx: Path) -> None:
     import onnxruntime as ort
 
