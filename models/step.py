@@ -279,10 +279,6 @@ class StepDetector(nn.Module):
             k = keep + 1
             taps = [ext_pos(lvl, keep, j + i) for lvl, n in enumerate(self.n) for j in range(n) for i in range(k)]
             self._index(f"taps{keep}", taps)
-        # Encoder windows: the last `span` inputs of each of n new positions in [cache (span-1); new (n)].
-        for n in sorted(set(self.n)):
-            for span in range(2, max(cfg.stat_window, cfg.encoder_kernel_wide, cfg.embed_kernel, 2) + 1):
-                self._index(f"win{span}_{n}", [j + i for j in range(n) for i in range(span)])
         # Fine -> coarse: coarse j takes fine 2j+1 (index n_all: a zero row for level 0).
         from_fine = [n_all] * self.n[0]
         for lvl in range(1, big_l):
@@ -375,7 +371,10 @@ class StepDetector(nn.Module):
         """(B, n, span, C): the last ``span`` inputs of each position of ext = [span-1 cached; n new]."""
         if span == 1:
             return ext.unsqueeze(2)
-        return torch.index_select(ext, 1, self._idx(f"win{span}_{n}")).reshape(-1, n, span, channels)
+        key = f"win{span}_{n}"
+        if not hasattr(self, f"_i_{key}"):  # registered by the first (layout-discovering) call
+            self._index(key, [j + i for j in range(n) for i in range(span)])
+        return torch.index_select(ext, 1, self._idx(key)).reshape(-1, n, span, channels)
 
     def _dyne(self, call: _Call, name: str, level: int, layer: DynELayer, x: torch.Tensor) -> torch.Tensor:
         n, c = self.n[level], self.cfg.channels

@@ -175,18 +175,17 @@ def _negotiated_extensions(url: str) -> str | None:
     return asyncio.run(go())
 
 
-def _threads(server) -> dict:
-    return httpx.get(f"{server.http}/v1/models", headers=AUTH, timeout=10).json()["data"][0]["threads"]
-
-
-def _websocket(server) -> dict:
-    return httpx.get(f"{server.http}/v1/models", headers=AUTH, timeout=10).json()["data"][0]["websocket"]
+def _served(server) -> tuple[dict, dict]:
+    """The `threads` and `websocket` blocks of /v1/models."""
+    model = httpx.get(f"{server.http}/v1/models", headers=AUTH, timeout=10).json()["data"][0]
+    return model["threads"], model["websocket"]
 
 
 def test_compression_and_threading_follow_the_settings(server, tiny_model, tmp_path: Path) -> None:
     assert _negotiated_extensions(server.ws) is None  # binary frames: deflate would cost CPU for ~4 %
-    assert _websocket(server) == {"implementation": "websockets-sansio", "compression": False}
-    assert _threads(server) == {
+    threads, websocket = _served(server)
+    assert websocket == {"implementation": "websockets-sansio", "compression": False}
+    assert threads == {
         "intra_op": 1,
         "intra_op_spinning": False,
         "gil_switch_interval_ms": 0.5,
@@ -202,8 +201,9 @@ def test_compression_and_threading_follow_the_settings(server, tiny_model, tmp_p
     }
     with run_server(tiny_model, tmp_path, env=env) as srv:
         assert "permessage-deflate" in (_negotiated_extensions(srv.ws) or "")
-        assert _websocket(srv) == {"implementation": "websockets", "compression": True}
-        assert _threads(srv) == {
+        threads, websocket = _served(srv)
+        assert websocket == {"implementation": "websockets", "compression": True}
+        assert threads == {
             "intra_op": 2,
             "intra_op_spinning": False,
             "gil_switch_interval_ms": 2.0,
